@@ -1,0 +1,1 @@
+"""vmtide guest agent: senses load, decides sizes, onlines and offlines CPUs and memory."""

@@ -1,0 +1,1 @@
+"""vmtide host broker: arbitrates host capacity among guests and drives QEMU."""
