@@ -1,0 +1,255 @@
+"""The kernel interface against fake trees that behave like the kernel, and read-only
+against this machine's real /sys and /proc."""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from agent.kernel import (
+    Action,
+    BlockState,
+    Kernel,
+    KernelReadError,
+    Kind,
+    Outcome,
+    SysfsWriter,
+    WriteTimeoutError,
+    format_cpu_list,
+    parse_cpu_list,
+)
+from vmtide.fakesys import FakeGuest
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> FakeGuest:
+    guest = FakeGuest(tmp_path / "guest", possible_cpus=4, boot_cpus=1, boot_blocks=4)
+    guest.plug_cpu(1)
+    guest.plug_cpu(2)
+    guest.plug_blocks(4)  # blocks 4..7, offline
+    return guest
+
+
+@pytest.fixture
+def kernel(guest: FakeGuest) -> Kernel:
+    return Kernel(guest.sysfs, guest.procfs, writer=guest.writer)
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"),
+    [
+        ("0\n", {0}),
+        ("0-3\n", {0, 1, 2, 3}),
+        ("0,2-3,7\n", {0, 2, 3, 7}),
+        ("\n", set()),
+        ("", set()),
+    ],
+)
+def test_cpu_list_round_trip(text: str, cpus: set[int]) -> None:
+    assert parse_cpu_list(text) == cpus
+    assert parse_cpu_list(format_cpu_list(cpus)) == cpus
+
+
+@pytest.mark.parametrize("text", ["a", "1-", "3-1", "1,,x", "-2"])
+def test_cpu_list_rejects_garbage(text: str) -> None:
+    with pytest.raises(ValueError, match="CPU"):
+        parse_cpu_list(text)
+
+
+def test_reads_topology(kernel: Kernel) -> None:
+    assert kernel.cpus_possible() == {0, 1, 2, 3}
+    assert kernel.cpus_present() == {0, 1, 2}
+    assert kernel.cpus_online() == {0}
+    cpus = {c.id: c for c in kernel.cpus()}
+    assert not cpus[0].hotpluggable and cpus[0].online  # cpu0: no `online` file
+    assert cpus[1].hotpluggable and not cpus[1].online
+    assert kernel.block_size() == 128 << 20
+    assert kernel.auto_online_blocks() == "offline"
+    blocks = kernel.memory_blocks()
+    assert [b.index for b in blocks] == list(range(8))
+    assert all(b.online and not b.movable and b.zones == ("Normal",) for b in blocks[:4])
+    assert all(b.state is BlockState.OFFLINE and b.node == 0 for b in blocks[4:])
+    assert blocks[4].zones == ("Normal", "Movable")
+
+
+def test_cpu_online_offline_results(kernel: Kernel, guest: FakeGuest) -> None:
+    done = kernel.set_cpu(1, online=True)
+    assert (done.kind, done.index, done.action, done.outcome) == (
+        Kind.CPU,
+        1,
+        Action.ONLINE,
+        Outcome.DONE,
+    )
+    assert guest.online_cpus() == {0, 1}
+    assert kernel.set_cpu(1, online=True).outcome is Outcome.ALREADY
+    assert kernel.set_cpu(0, online=True).outcome is Outcome.ALREADY
+    refused = kernel.set_cpu(0, online=False)
+    assert (refused.outcome, refused.errno) == (Outcome.REFUSED, errno.EPERM)
+    assert kernel.set_cpu(3, online=True).outcome is Outcome.NOT_FOUND  # possible, not present
+    assert kernel.set_cpu(1, online=False).outcome is Outcome.DONE
+    assert guest.online_cpus() == {0}
+
+
+@pytest.mark.parametrize("code", [errno.EBUSY, errno.EINVAL, errno.EIO, errno.EPERM])
+def test_cpu_refusals_carry_errno(kernel: Kernel, guest: FakeGuest, code: int) -> None:
+    guest.set_faults([{"kind": "cpu", "index": 2, "effect": code}])
+    result = kernel.set_cpu(2, online=True)
+    assert (result.outcome, result.errno, result.detail) == (
+        Outcome.REFUSED,
+        code,
+        os.strerror(code),
+    )
+    assert 2 not in guest.online_cpus()
+
+
+def test_online_block_movable_then_already(kernel: Kernel, guest: FakeGuest) -> None:
+    assert kernel.online_block(5).outcome is Outcome.DONE
+    block = kernel.memory_block(5)
+    assert block is not None and block.online and block.movable
+    # A second write would be EINVAL in the kernel; the interface does not write.
+    assert kernel.online_block(5).outcome is Outcome.ALREADY
+    assert guest.block_state(5) == "online"
+
+
+def test_online_block_refused_where_movable_is_invalid(kernel: Kernel, guest: FakeGuest) -> None:
+    (guest.sysfs / "devices/system/memory/memory6/valid_zones").write_text("Normal\n")
+    result = kernel.online_block(6)
+    assert (result.outcome, result.errno) == (Outcome.REFUSED, errno.EINVAL)
+    assert guest.block_state(6) == "offline"
+
+
+def test_offline_results(kernel: Kernel, guest: FakeGuest) -> None:
+    kernel.online_block(4)
+    assert kernel.offline_block(4).outcome is Outcome.DONE
+    assert kernel.offline_block(4).outcome is Outcome.ALREADY
+    busy = kernel.offline_block(0)  # boot memory, ZONE_NORMAL, unmovable pages
+    assert (busy.outcome, busy.errno) == (Outcome.REFUSED, errno.EBUSY)
+    assert guest.block_state(0) == "online"
+
+
+def test_offline_refused_with_einval(kernel: Kernel, guest: FakeGuest) -> None:
+    kernel.online_block(4)
+    guest.set_faults([{"kind": "memory", "index": 4, "effect": errno.EINVAL, "value": "offline"}])
+    result = kernel.offline_block(4)
+    assert (result.outcome, result.errno) == (Outcome.REFUSED, errno.EINVAL)
+    assert guest.block_state(4) == "online"
+
+
+def test_offline_that_hangs_times_out(kernel: Kernel, guest: FakeGuest) -> None:
+    kernel.online_block(4)
+    guest.set_faults([{"kind": "memory", "index": 4, "effect": "hang"}])
+    result = kernel.offline_block(4, timeout=0.05)
+    assert (result.outcome, result.errno) == (Outcome.TIMED_OUT, errno.ETIMEDOUT)
+    assert guest.block_state(4) == "online"
+
+
+def test_block_vanishing_between_listing_and_writing(kernel: Kernel, guest: FakeGuest) -> None:
+    listed = [b.index for b in kernel.memory_blocks() if not b.online]
+    guest.remove_block(listed[0])
+    assert kernel.online_block(listed[0]).outcome is Outcome.NOT_FOUND
+    # ... and vanishing during the write itself (virtio-mem removing it).
+    guest.set_faults([{"kind": "memory", "index": listed[1], "effect": "vanish"}])
+    assert kernel.online_block(listed[1]).outcome is Outcome.NOT_FOUND
+    assert kernel.memory_block(listed[1]) is None
+    assert listed[1] not in [b.index for b in kernel.memory_blocks()]
+
+
+def test_fault_limited_to_some_writes(kernel: Kernel, guest: FakeGuest) -> None:
+    guest.set_faults([{"kind": "cpu", "index": 1, "effect": errno.EBUSY, "times": 1}])
+    assert kernel.set_cpu(1, online=True).outcome is Outcome.REFUSED
+    assert kernel.set_cpu(1, online=True).outcome is Outcome.DONE
+
+
+def test_unreadable_files_name_the_path(tmp_path: Path) -> None:
+    guest = FakeGuest(tmp_path / "g")
+    kernel = Kernel(guest.sysfs, guest.procfs)
+    (guest.sysfs / "devices/system/memory/block_size_bytes").write_text("zz\n")
+    with pytest.raises(KernelReadError, match="block_size_bytes: not a hexadecimal size"):
+        kernel.block_size()
+    (guest.sysfs / "devices/system/cpu/online").write_text("0-x\n")
+    with pytest.raises(KernelReadError, match="cpu/online"):
+        kernel.cpus_online()
+    (guest.sysfs / "devices/system/memory/memory0/state").write_text("sideways\n")
+    with pytest.raises(KernelReadError, match="unknown state 'sideways'"):
+        kernel.memory_blocks()
+
+
+# ------------------------------------------------------- the real write path
+
+
+def test_real_writer_writes_and_reports_errno(tmp_path: Path) -> None:
+    writer = SysfsWriter()
+    target = tmp_path / "state"
+    target.write_text("offline\n")
+    writer.write(target, "online_movable")
+    assert target.read_text() == "online_movable"
+    writer.write(target, "offline", timeout=10)  # through the worker process
+    assert target.read_text() == "offline"
+    with pytest.raises(OSError) as info:
+        writer.write(tmp_path, "x", timeout=10)
+    assert info.value.errno == errno.EISDIR
+    with pytest.raises(FileNotFoundError):
+        writer.write(tmp_path / "gone" / "state", "x", timeout=10)
+
+
+def test_real_writer_kills_a_write_stuck_past_its_deadline(tmp_path: Path) -> None:
+    # Opening a FIFO with no reader blocks in the kernel, like offline_pages
+    # retrying busy pages: only a signal gets the writer out.
+    fifo = tmp_path / "state"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    with pytest.raises(WriteTimeoutError, match=r"took over 0\.3 s"):
+        SysfsWriter().write(fifo, "offline", timeout=0.3)
+    assert time.monotonic() - started < 10
+    assert psutil.Process().children() == []
+
+
+def test_kernel_maps_real_writer_errors(tmp_path: Path) -> None:
+    guest = FakeGuest(tmp_path / "g")
+    guest.plug_cpu(1)
+    kernel = Kernel(guest.sysfs, guest.procfs)  # plain writes, no kernel rules
+    state = guest.sysfs / "devices/system/cpu/cpu1/online"
+    state.chmod(0o444)
+    try:
+        result = kernel.set_cpu(1, online=True)
+    finally:
+        state.chmod(0o644)
+    if os.geteuid() == 0:  # root ignores file modes: the write goes through
+        assert result.outcome is Outcome.DONE
+    else:
+        assert (result.outcome, result.errno) == (Outcome.REFUSED, errno.EACCES)
+
+
+# ------------------------------------------------- this machine, read-only
+
+
+REAL_SYSFS = Path("/sys/devices/system")
+
+
+def test_real_cpu_reads() -> None:
+    kernel = Kernel()
+    possible, present, online = kernel.cpus_possible(), kernel.cpus_present(), kernel.cpus_online()
+    assert online and online <= present <= possible
+    cpus = kernel.cpus()
+    assert {c.id for c in cpus} == present
+    for cpu in cpus:
+        assert cpu.hotpluggable == (REAL_SYSFS / f"cpu/cpu{cpu.id}/online").exists()
+        assert cpu.online == (cpu.id in online)
+
+
+@pytest.mark.skipif(not (REAL_SYSFS / "memory").is_dir(), reason="no memory hotplug on this kernel")
+def test_real_memory_reads() -> None:
+    kernel = Kernel()
+    size = kernel.block_size()
+    assert size > 0 and size & (size - 1) == 0  # a power of two
+    blocks = kernel.memory_blocks()
+    assert blocks and any(b.online for b in blocks)
+    assert all(isinstance(b.state, BlockState) for b in blocks)
+    assert all(b.zones for b in blocks if b.online)
+    assert kernel.auto_online_blocks() in {"offline", "online", "online_kernel", "online_movable"}
+    assert kernel.kernel_cmdline() == Path("/proc/cmdline").read_text().strip()
