@@ -1,0 +1,714 @@
+"""agent.policy: load patterns in, decisions out. Time is Sample.at; nothing sleeps.
+
+Most tests close the loop with `Guest`: a simulated guest that onlines what the
+policy decides at once, with PSI avg10 modelled as the kernel's 10 s moving
+average of the share of time tasks waited.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from agent.policy import (
+    CpuParams,
+    Decision,
+    Decisions,
+    Limits,
+    MemoryParams,
+    PolicyParams,
+    PolicyState,
+    ResourceState,
+    Sample,
+    Urgency,
+    decide,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+BLOCK = 128 * MiB
+PARAMS = PolicyParams()
+CPU_LIMITS = Limits(minimum=1, maximum=8, burst=8)
+MEMORY_LIMITS = Limits(minimum=1 * GiB, maximum=16 * GiB, burst=16 * GiB)
+
+
+def calm(at: float, **changes: float) -> Sample:
+    """A quiet web server: 2 CPUs, 4 GiB, half a CPU busy, 1 GiB used."""
+    fields: dict[str, float] = {
+        "cpu_busy": 0.5,
+        "online_cpus": 2,
+        "run_queue": 1,
+        "cpu_some": 0.0,
+        "memory_some": 0.0,
+        "memory_full": 0.0,
+        "memory_total": 4 * GiB,
+        "memory_available": 3 * GiB,
+    }
+    fields.update(changes)
+    return Sample(at=at, **fields)  # type: ignore[arg-type]
+
+
+def history(seconds: int, **changes: float) -> list[Sample]:
+    """`seconds` calm samples at 1 Hz, ending at t = seconds - 1."""
+    return [calm(float(t), **changes) for t in range(seconds)]
+
+
+def decide_one(
+    samples: Sequence[Sample],
+    cpu_limits: Limits = CPU_LIMITS,
+    memory_limits: Limits = MEMORY_LIMITS,
+    state: PolicyState | None = None,
+    params: PolicyParams = PARAMS,
+) -> Decisions:
+    decisions, _ = decide(samples, cpu_limits, memory_limits, BLOCK, params, state or PolicyState())
+    return decisions
+
+
+def changes(targets: Sequence[int]) -> int:
+    return sum(1 for a, b in itertools.pairwise(targets) if a != b)
+
+
+def ema(avg10: float, stalled_percent: float, seconds: float = 1.0) -> float:
+    # The kernel's avg10 decays with a 10 s time constant.
+    return avg10 + (stalled_percent - avg10) * (1 - math.exp(-seconds / 10))
+
+
+@dataclass
+class Guest:
+    """A guest whose CPUs and memory become whatever the policy decides."""
+
+    cpus: int = 2
+    memory: int = 4 * GiB
+    cpu_limits: Limits = CPU_LIMITS
+    memory_limits: Limits = MEMORY_LIMITS
+    params: PolicyParams = PARAMS
+    state: PolicyState = field(default_factory=PolicyState)
+    at: float = 0.0
+    cpu_psi: float = 0.0
+    memory_psi: float = 0.0
+    samples: list[Sample] = field(default_factory=list)
+    decisions: list[Decisions] = field(default_factory=list)
+
+    def step(self, demand: float, used: int = 1 * GiB) -> Decisions:
+        """One second: `demand` CPUs of runnable work, `used` bytes not reclaimable."""
+        self.at += 1.0
+        self.cpu_psi = ema(self.cpu_psi, 100.0 if demand > self.cpus else 0.0)
+        # Tasks stall on memory once what they use no longer fits.
+        short = used > self.memory - 64 * MiB
+        self.memory_psi = ema(self.memory_psi, 60.0 if short else 0.0)
+        self.samples.append(
+            Sample(
+                at=self.at,
+                cpu_busy=min(demand, self.cpus),
+                online_cpus=self.cpus,
+                run_queue=math.ceil(demand),
+                cpu_some=self.cpu_psi,
+                memory_some=self.memory_psi,
+                memory_full=self.memory_psi / 4,
+                memory_total=self.memory,
+                memory_available=max(0, self.memory - used),
+            )
+        )
+        # Keep only what the policy says it reads: shrinking must still work.
+        since = self.at - self.params.history_seconds
+        self.samples = [s for s in self.samples if s.at >= since]
+        decisions, self.state = decide(
+            self.samples, self.cpu_limits, self.memory_limits, BLOCK, self.params, self.state
+        )
+        self.decisions.append(decisions)
+        self.cpus, self.memory = decisions.cpu.target, decisions.memory.target
+        return decisions
+
+    def run(
+        self,
+        seconds: int,
+        demand: Callable[[float], float],
+        used: Callable[[float], int] = lambda t: 1 * GiB,
+    ) -> list[Decisions]:
+        return [self.step(demand(self.at + 1), used(self.at + 1)) for _ in range(seconds)]
+
+
+def cpu_targets(decisions: Sequence[Decisions]) -> list[int]:
+    return [d.cpu.target for d in decisions]
+
+
+def memory_targets(decisions: Sequence[Decisions]) -> list[int]:
+    return [d.memory.target for d in decisions]
+
+
+# --- CPU load patterns --------------------------------------------------------
+
+
+def test_step_jumps_to_the_need_within_two_samples() -> None:
+    guest = Guest()
+    guest.run(30, lambda t: 1.0)
+    assert guest.cpus == 2
+    after = guest.run(10, lambda t: 6.0)
+    # ceil(6 / 0.8) = 8, reached in one jump by the second sample of the step.
+    assert cpu_targets(after)[:3] == [2, 8, 8]
+    assert after[1].cpu.urgency is Urgency.HIGH
+    assert "psi some" in after[1].cpu.reason and "run queue 6" in after[1].cpu.reason
+    assert changes(cpu_targets(after)) == 1
+
+
+def test_utilisation_over_target_grows_after_two_seconds_without_psi() -> None:
+    # A kernel without PSI reports 0: only utilisation drives the grow.
+    samples = history(30, cpu_busy=1.0)
+    samples.append(calm(30.0, cpu_busy=1.8))  # 90 % of 2 CPUs, once
+    assert decide_one(samples).cpu.target == 2
+    samples.append(calm(31.0, cpu_busy=1.8))  # twice: sustained for 2 s
+    decision = decide_one(samples).cpu
+    assert decision.target == 3  # ceil(1.8 / 0.8)
+    assert decision.urgency is Urgency.NORMAL
+    assert decision.reason == "cpu 2->3: busy 1.8/2 (90%) > 80% for 2 s: need 3"
+
+
+def test_ramp_is_followed_up_and_never_shrinks() -> None:
+    guest = Guest()
+    ramp = guest.run(120, lambda t: 0.5 + 5.5 * t / 120)
+    targets = cpu_targets(ramp)
+    assert targets == sorted(targets)
+    assert targets[-1] == math.ceil(6.0 / 0.8)
+    # Never more than two samples behind the load: busy stays <= target share.
+    for t in range(3, 120):
+        assert targets[t] >= math.ceil((0.5 + 5.5 * (t - 2) / 120) / 0.8 - 1e-9), t
+
+
+@pytest.mark.parametrize("period", [4, 20, 60, 120, 170])
+def test_square_wave_shorter_than_the_window_gives_a_constant_target(period: int) -> None:
+    guest = Guest()
+    decisions = guest.run(500, lambda t: 3.6 if t % period < period / 2 else 0.3)
+    targets = cpu_targets(decisions)
+    assert changes(targets[30:]) == 0, targets
+    assert changes(targets) <= 2  # the first high half-period's grow
+    assert targets[-1] == math.ceil(3.6 / 0.8)
+
+
+def test_square_wave_longer_than_the_window_follows_it_slowly() -> None:
+    guest = Guest()
+    decisions = guest.run(1200, lambda t: 3.6 if t % 600 < 300 else 1.5)
+    targets = cpu_targets(decisions)
+    # Up at once in each high phase; down 5 -> 4 -> 3 -> 2 in each low phase,
+    # the first step a window (180 s) after the load fell.
+    assert targets[1] == targets[601] == 5
+    assert targets[599] == targets[1199] == 2
+    down = [i for i in range(1, 1200) if targets[i] < targets[i - 1]]
+    assert len(down) == 6 and 478 <= down[0] <= 481  # index i is t = i + 1
+    assert changes(targets) == 8
+
+
+def test_spike_grows_at_once_holds_for_the_window_then_steps_down() -> None:
+    guest = Guest(cpus=2)
+    guest.run(200, lambda t: 0.5)
+    assert guest.cpus == 1  # idle: came down to the need
+    decisions = guest.run(400, lambda t: 6.0 if 1 <= t - 200 <= 5 else 0.5)
+    targets = cpu_targets(decisions)
+    assert targets[1] == 8  # on the spike's second sample
+    first_shrink = next(i for i in range(1, 400) if targets[i] < targets[i - 1])
+    # Its last sample left the 180 s window, and so did PSI's decay past 5 %.
+    assert 185 <= first_shrink <= 200
+    # Bounded steps (a quarter, at least one), one per 30 s, never back up.
+    assert [(i, targets[i]) for i in range(first_shrink, 400) if targets[i] != targets[i - 1]] == [
+        (first_shrink, 6),
+        (first_shrink + 31, 5),
+        (first_shrink + 62, 4),
+        (first_shrink + 93, 3),
+        (first_shrink + 124, 2),
+        (first_shrink + 155, 1),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("psi", "busy", "run_queue", "target"),
+    [
+        (10.0, 0.5, 1, 3),  # at the threshold: one more than online
+        (22.0, 1.9, 2, 4),  # ceil(1.9 / 0.8) + 1
+        (60.0, 2.0, 7, 8),  # the run queue: ceil(7 / 0.8) = 9, capped at maximum 8
+        (9.9, 1.0, 1, 2),  # under the threshold: no stall, no grow
+    ],
+)
+def test_cpu_psi_spike_grows_on_the_same_sample(
+    psi: float, busy: float, run_queue: int, target: int
+) -> None:
+    samples = history(60)
+    samples.append(calm(60.0, cpu_some=psi, cpu_busy=busy, run_queue=run_queue))
+    decision = decide_one(samples).cpu
+    assert decision.target == target, decision.reason
+    assert decision.urgency is (Urgency.HIGH if psi >= 10.0 else Urgency.LOW)
+
+
+def test_stale_psi_after_a_grow_does_not_grow_again() -> None:
+    samples = history(30)
+    samples.append(calm(30.0, cpu_busy=2.0, cpu_some=30.0, run_queue=3))
+    assert decide_one(samples).cpu.target == 4  # max(2 + 1, ceil(2 / 0.8) + 1, ceil(3 / 0.8))
+    # Now 4 CPUs and no more stalls, but avg10 takes seconds to decay.
+    for t, psi in enumerate([28.0, 25.0, 22.0], start=31):
+        samples.append(calm(float(t), online_cpus=4, cpu_busy=2.4, cpu_some=psi))
+        decision = decide_one(samples).cpu
+        assert decision.target == 4, decision.reason
+        assert "settling" in decision.reason
+    # A rising avg10 is news: the grow did not suffice.
+    samples.append(calm(34.0, online_cpus=4, cpu_busy=3.9, cpu_some=27.0, run_queue=4))
+    assert decide_one(samples).cpu.target == 6  # ceil(3.9 / 0.8) + 1
+
+
+def test_moderate_psi_holds_a_shrink() -> None:
+    samples = history(300, online_cpus=4, cpu_busy=1.0, cpu_some=6.0)
+    decision = decide_one(samples).cpu
+    assert decision.direction == "hold"
+    assert "psi some 6.0% >= 5% within 180 s" in decision.reason
+    quiet = decide_one(history(300, online_cpus=4, cpu_busy=1.0, cpu_some=2.0)).cpu
+    assert quiet.direction == "shrink"
+
+
+def test_no_shrink_before_the_window_is_covered() -> None:
+    decision = decide_one(history(100, online_cpus=6, cpu_busy=0.2)).cpu
+    assert decision.direction == "hold"
+    assert "only 99 s of usable history < 180 s window" in decision.reason
+    assert decide_one(history(181, online_cpus=6, cpu_busy=0.2)).cpu.target == 5
+
+
+def test_trimming_history_to_history_seconds_still_shrinks() -> None:
+    assert PARAMS.history_seconds == 310.0
+    guest = Guest(cpus=8, memory=4 * GiB)
+    guest.run(700, lambda t: 0.5)
+    assert len(guest.samples) <= 311
+    assert guest.cpus == 1
+    assert guest.memory == 1536 * MiB  # 1 GiB used + 512 MiB headroom
+
+
+# --- memory -------------------------------------------------------------------
+
+
+def test_slow_leak_grows_in_whole_blocks_keeping_headroom() -> None:
+    guest = Guest(memory=2560 * MiB)  # 2 GiB used + 512 MiB headroom
+    decisions = guest.run(1200, lambda t: 0.5, lambda t: 2 * GiB + int(t) * 3 * MiB)
+    targets = memory_targets(decisions)
+    assert targets == sorted(targets)  # a leak never shrinks
+    assert all(t % BLOCK == 0 for t in targets)
+    for second, target in enumerate(targets, start=1):
+        used = 2 * GiB + second * 3 * MiB
+        assert target - used >= max(512 * MiB, 0.15 * target), second
+    # A block at a time, as the headroom is used up; with the 15 % share the
+    # headroom grows too: 3600 MiB / 0.85 is 34 blocks.
+    assert 25 <= changes(targets) <= 35
+    assert all(d.memory.urgency is not Urgency.HIGH for d in decisions)
+
+
+def test_leak_at_the_ceiling_is_capped_and_urgent() -> None:
+    guest = Guest(memory=16 * GiB)
+    decisions = guest.run(300, lambda t: 0.5, lambda t: 15 * GiB + int(t) * 3 * MiB)
+    last = decisions[-1].memory
+    assert last.target == 16 * GiB
+    assert last.urgency is Urgency.HIGH  # 900 MiB leaked: MemAvailable nearly gone
+    assert "capped at maximum 16 GiB" in last.reason
+
+
+def test_memory_spike_grows_in_one_step() -> None:
+    guest = Guest(memory=8 * GiB)
+    guest.run(30, lambda t: 0.5)
+    spike = guest.run(5, lambda t: 0.5, lambda t: 7 * GiB + 512 * MiB)
+    need = (7 * GiB + 512 * MiB) / 0.85  # 15 % headroom of the new total
+    assert spike[0].memory.target == math.ceil(need / BLOCK) * BLOCK
+    assert spike[0].memory.direction == "grow"
+    assert changes(memory_targets(spike)) == 0  # and then enough
+    assert spike[0].memory.urgency is Urgency.HIGH  # 512 MiB left: under half the headroom
+    assert spike[0].memory.reason.startswith(
+        "memory 8 GiB->8.875 GiB: available 512 MiB < headroom 1.2 GiB"
+    )
+
+
+def test_memory_demand_beyond_what_is_online_grows_within_seconds() -> None:
+    # 6 GiB wanted on 4 GiB: MemAvailable shows 0, so `used` is only 4 GiB;
+    # the stall (PSI) and the headroom on what is used grow it step by step.
+    guest = Guest()
+    guest.run(30, lambda t: 0.5)
+    spike = guest.run(10, lambda t: 0.5, lambda t: 6 * GiB)
+    targets = memory_targets(spike)
+    assert targets[0] == 5 * GiB  # PSI memory: a quarter more at once
+    assert targets[3:] == [targets[3]] * 7  # settled after three samples
+    assert targets[3] - 6 * GiB >= 0.15 * targets[3]
+    assert targets[3] <= 8 * GiB
+
+
+@pytest.mark.parametrize(
+    ("total", "available", "expected"),
+    [
+        # used 3.75 GiB: 15 % of total dominates; 4.41 GiB rounds up to 4.5 GiB.
+        (4 * GiB, 256 * MiB, 4608 * MiB),
+        # used 724 MiB: the 512 MiB floor dominates; 1236 MiB rounds to 1280 MiB.
+        (1 * GiB, 300 * MiB, 1280 * MiB),
+        # Headroom already there: hold.
+        (4 * GiB, 1 * GiB, 4 * GiB),
+    ],
+)
+def test_headroom(total: int, available: int, expected: int) -> None:
+    samples = history(30, memory_total=total, memory_available=total - 100 * MiB)
+    samples.append(calm(30.0, memory_total=total, memory_available=available))
+    decision = decide_one(samples).memory
+    assert decision.target == expected
+    used = total - available
+    assert decision.target - used >= max(512 * MiB, 0.15 * decision.target)
+
+
+@pytest.mark.parametrize(
+    ("psi_field", "value"),
+    [("memory_some", 20.0), ("memory_full", 5.0), ("swap_in_per_s", 5000.0)],
+)
+def test_memory_pressure_grows_a_quarter_at_once(psi_field: str, value: float) -> None:
+    samples = history(60)
+    samples.append(calm(60.0, **{psi_field: value}))
+    decision = decide_one(samples).memory
+    assert decision.target == 5 * GiB  # 4 GiB + 25 %, whole blocks
+    assert decision.urgency is (Urgency.NORMAL if psi_field == "swap_in_per_s" else Urgency.HIGH)
+
+
+def test_memory_square_wave_gives_a_constant_target() -> None:
+    guest = Guest(memory=3584 * MiB)
+    decisions = guest.run(700, lambda t: 0.5, lambda t: 3 * GiB if t % 240 < 60 else 1 * GiB)
+    targets = memory_targets(decisions)
+    assert decisions[0].memory.direction == "grow"  # up on the first peak
+    assert changes(targets) == 0  # then held through every trough
+    assert targets[-1] == math.ceil(3 * GiB / 0.85 / BLOCK) * BLOCK
+
+
+def test_memory_shrinks_in_bounded_whole_block_steps() -> None:
+    guest = Guest(memory=16 * GiB)
+    decisions = guest.run(500, lambda t: 0.5)
+    targets = memory_targets(decisions)
+    first = next(i for i, t in enumerate(targets) if t < 16 * GiB)
+    assert 299 <= first <= 301  # the 300 s window
+    assert targets == sorted(targets, reverse=True)
+    downs = [a - b for a, b in itertools.pairwise(targets) if a != b]
+    # 10 % of what is online, rounded down to blocks: 1.5 GiB, then less.
+    assert downs[:3] == [1536 * MiB, 1408 * MiB, 1280 * MiB]
+    assert len(downs) == 7  # one step per 30 s
+
+
+def test_memory_online_counts_blocks_beyond_memtotal() -> None:
+    # 4 GiB of blocks show as 3891 MiB MemTotal; 3400 MiB used leaves 491 MiB,
+    # under 15 % headroom. Read as 3968 MiB of blocks, the need (4000 MiB)
+    # would round to the 4 GiB already online and never grow.
+    samples = history(
+        30, memory_online=4 * GiB, memory_total=3891 * MiB, memory_available=491 * MiB
+    )
+    decision = decide_one(samples).memory
+    assert decision.current == 4 * GiB
+    assert decision.target == 4224 * MiB  # 205 MiB overhead + 3400 MiB / 0.85
+
+
+# --- limits and burst -----------------------------------------------------------
+
+
+def _with_credits(credits: float, at: float) -> PolicyState:
+    return PolicyState(cpu=ResourceState(credits=credits, accounted_at=at))
+
+
+@pytest.mark.parametrize(
+    ("case", "samples", "limits", "state", "target", "reason"),
+    [
+        (
+            "below minimum",
+            history(5, online_cpus=1),
+            Limits(2, 8, 8),
+            None,
+            2,
+            "raised to minimum 2",
+        ),
+        (
+            "above maximum after a limits edit",
+            history(5, online_cpus=10),
+            Limits(1, 8, 8),
+            None,
+            8,
+            "capped at maximum 8",
+        ),
+        (
+            "need above maximum, no credits",
+            history(5, online_cpus=4, cpu_busy=4.0, cpu_some=40.0, run_queue=9),
+            Limits(1, 4, 6),
+            None,
+            4,
+            "capped at maximum 4 (burst credits 0 CPU-s, +1 needs 30 CPU-s)",
+        ),
+        (
+            "need above burst, credits",
+            history(5, online_cpus=4, cpu_busy=4.0, cpu_some=40.0, run_queue=9),
+            Limits(1, 4, 6),
+            _with_credits(1000.0, 4.0),
+            6,
+            "capped at burst 6; bursting above maximum 4: credits 1000 CPU-s, 500 s at this size",
+        ),
+        (
+            "credits pay for part of the burst",
+            history(5, online_cpus=4, cpu_busy=4.0, cpu_some=40.0, run_queue=9),
+            Limits(1, 4, 6),
+            _with_credits(45.0, 4.0),  # 30 s at +1 CPU, not at +2
+            5,
+            "capped at 5 by burst credits (45 CPU-s)",
+        ),
+        (
+            "idle never goes below minimum",
+            history(200, online_cpus=3, cpu_busy=0.0),
+            Limits(3, 8, 8),
+            None,
+            3,
+            "peak need 0 over 180 s, step 1; busy 0.0/3 (0%); raised to minimum 3",
+        ),
+    ],
+)
+def test_limits_clamp(
+    case: str,
+    samples: list[Sample],
+    limits: Limits,
+    state: PolicyState | None,
+    target: int,
+    reason: str,
+) -> None:
+    decision = decide_one(samples, cpu_limits=limits, state=state).cpu
+    assert decision.target == target, case
+    assert reason in decision.reason, decision.reason
+    assert decision.bursting == (target > limits.maximum)
+
+
+def test_credits_accrue_below_maximum_up_to_the_cap() -> None:
+    limits = Limits(1, 4, 6)
+    samples = history(101)  # 2 CPUs for 100 s: 2 below maximum
+    _, state = decide(samples, limits, MEMORY_LIMITS, BLOCK, PARAMS, PolicyState())
+    assert state.cpu.credits == pytest.approx(0.5 * 2 * 100)
+    assert state.cpu.accounted_at == 100.0
+    # Fed one sample at a time, the same samples earn the same credits.
+    state = PolicyState()
+    for i in range(1, 102):
+        _, state = decide(samples[:i], limits, MEMORY_LIMITS, BLOCK, PARAMS, state)
+    assert state.cpu.credits == pytest.approx(100.0)
+    # The cap: 600 s of the full burst (2 CPUs).
+    full = PolicyState(cpu=ResourceState(credits=1190.0, accounted_at=0.0))
+    _, state = decide(samples, limits, MEMORY_LIMITS, BLOCK, PARAMS, full)
+    assert state.cpu.credits == 600 * 2
+    # Above maximum credits are spent, one per CPU-second.
+    _, state = decide(history(11, online_cpus=6), limits, MEMORY_LIMITS, BLOCK, PARAMS, full)
+    assert state.cpu.credits == pytest.approx(1190.0 - 2 * 10)
+    # Without a burst range there is nothing to earn.
+    _, state = decide(history(100), CPU_LIMITS, MEMORY_LIMITS, BLOCK, PARAMS, PolicyState())
+    assert state.cpu.credits == 0.0
+
+
+def test_burst_ends_when_credits_run_out() -> None:
+    limits = Limits(1, 4, 6)
+    guest = Guest(cpus=4, cpu_limits=limits, state=_with_credits(600.0, 0.0))
+    decisions = guest.run(500, lambda t: 10.0)
+    bursting = [d.cpu.bursting for d in decisions]
+    assert bursting[1] and decisions[1].cpu.target == 6  # PSI confirms on the second
+    # 600 CPU-seconds last 300 s at +2 CPUs; below 60 the ceiling is +1, so
+    # the last 60 last 30 s more at +1.
+    targets = cpu_targets(decisions)
+    # Index i is t = i + 1: 6 CPUs from t = 3, 5 from t = 273, 4 from t = 302.
+    assert [(i, targets[i]) for i in range(1, 500) if targets[i] != targets[i - 1]] == [
+        (1, 6),
+        (272, 5),
+        (301, 4),
+    ]
+    end = bursting.index(False, 1)
+    assert not any(bursting[end:])  # no burst again: at maximum nothing is earned
+    assert targets[end:] == [4] * (500 - end)
+    reason = decisions[end].cpu.reason
+    assert reason.startswith("cpu 5->4: ") and reason.endswith("+1 needs 30 CPU-s)")
+    assert 27.0 <= guest.state.cpu.credits < 30.0
+    # Back below maximum, credits accrue and the guest may burst again.
+    guest.run(400, lambda t: 0.5)
+    assert guest.state.cpu.credits > 120.0
+    again = guest.run(5, lambda t: 10.0)
+    assert any(d.cpu.bursting for d in again)
+
+
+def test_memory_burst_within_credits() -> None:
+    limits = Limits(1 * GiB, 4 * GiB, 6 * GiB)
+    state = PolicyState(memory=ResourceState(credits=600.0 * 2 * GiB, accounted_at=29.0))
+    samples = history(30, memory_available=2 * GiB)
+    samples.append(calm(30.0, memory_total=4 * GiB, memory_available=0))
+    decision = decide_one(samples, memory_limits=limits, state=state).memory
+    assert decision.target == 4864 * MiB and decision.bursting  # 4 GiB used / 0.85
+    assert "bursting above maximum 4 GiB" in decision.reason
+
+
+def test_limits_that_are_not_whole_blocks_round_inward() -> None:
+    limits = Limits(minimum=1100 * MiB, maximum=3000 * MiB, burst=3000 * MiB)
+    idle = decide_one(history(400, memory_available=4 * GiB - 10 * MiB), memory_limits=limits)
+    assert idle.memory.target % BLOCK == 0
+    assert idle.memory.target == 2944 * MiB  # capped at maximum, rounded down
+    small = history(400, memory_total=1280 * MiB, memory_available=1270 * MiB)
+    assert decide_one(small, memory_limits=limits).memory.target == 1152 * MiB  # minimum, up
+
+
+# --- broken input ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("broken", "cpu", "memory", "note"),
+    [
+        # One broken field: the others still speak (PSI, headroom).
+        ({"cpu_busy": math.nan}, "grow", "grow", "ignored cpu_busy=nan"),
+        ({"memory_some": -1.0}, "grow", "grow", "ignored memory_some=-1.0"),
+        ({"swap_in_per_s": math.inf}, "grow", "grow", "ignored swap_in_per_s=inf"),
+        # Nothing left to go on: hold at what is online and say why.
+        (
+            {"cpu_busy": math.nan, "cpu_some": 250.0},
+            "hold",
+            "grow",
+            "no usable cpu data in the newest sample (cpu_busy=nan, cpu_some=250.0)",
+        ),
+        ({"online_cpus": -1}, "hold", "grow", "(online_cpus=-1)"),
+        ({"online_cpus": 0}, "hold", "grow", "(online_cpus=0)"),
+        ({"memory_total": 0}, "grow", "hold", "(memory_total=0)"),
+        (
+            {"memory_available": 5 * GiB},
+            "grow",
+            "hold",
+            "memory_available=5368709120 > memory_total",
+        ),
+        ({"memory_available": -(2**40)}, "grow", "hold", "memory_available=-1099511627776"),
+        ({"at": math.nan}, "hold", "hold", "(at=nan)"),
+    ],
+)
+def test_broken_newest_sample_is_no_information(
+    broken: dict[str, Any], cpu: str, memory: str, note: str
+) -> None:
+    samples = history(30)
+    # Tasks stall and memory is short: every usable signal says grow.
+    newest = calm(30.0, cpu_busy=1.9, cpu_some=30.0, memory_available=10 * MiB)
+    samples.append(replace(newest, **broken))
+    decisions = decide_one(samples)
+    assert (decisions.cpu.direction, decisions.memory.direction) == (cpu, memory)
+    assert note in decisions.cpu.reason + decisions.memory.reason
+    # A hold keeps what the last usable sample had online.
+    assert (decisions.cpu.current, decisions.memory.current) == (2, 4 * GiB)
+
+
+def test_broken_psi_falls_back_to_utilisation() -> None:
+    samples = history(30, cpu_some=math.nan)
+    samples.append(calm(30.0, cpu_busy=1.9, cpu_some=math.nan))
+    samples.append(calm(31.0, cpu_busy=1.9, cpu_some=math.nan))
+    decision = decide_one(samples).cpu
+    assert decision.target == 3
+    assert decision.reason.endswith("; ignored cpu_some=nan")
+
+
+def test_broken_samples_do_not_cover_the_shrink_window() -> None:
+    samples = [calm(float(t), cpu_busy=math.nan, memory_available=-1) for t in range(200)]
+    samples += [calm(200.0), calm(201.0)]
+    decisions = decide_one(samples)
+    # 200 s have passed, but only 1 s of it says anything: no shrink yet.
+    assert decisions.cpu.direction == decisions.memory.direction == "hold"
+    assert "only 1 s of usable history < 180 s window" in decisions.cpu.reason
+    assert "only 1 s of usable history < 300 s window" in decisions.memory.reason
+    assert "ignored" not in decisions.cpu.reason + decisions.memory.reason
+
+
+def test_no_samples_holds_at_the_minimum() -> None:
+    decisions = decide_one([])
+    assert decisions.cpu == Decision(
+        1, 1, "cpu hold 1: no usable cpu data in the newest sample (no samples)", Urgency.LOW, False
+    )
+    assert decisions.memory.target == decisions.memory.current == 1 * GiB
+
+
+def test_bad_block_size_is_an_error() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        decide(history(3), CPU_LIMITS, MEMORY_LIMITS, 0, PARAMS, PolicyState())
+
+
+_numbers = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(2**40), max_value=2**40),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 10_000), _numbers, _numbers, _numbers, _numbers, _numbers, _numbers),
+        max_size=30,
+    )
+)
+def test_any_input_gives_a_decision_within_limits(
+    rows: list[tuple[float, float, float, float, float, float, float]],
+) -> None:
+    samples = [
+        Sample(
+            at=at,
+            cpu_busy=busy,
+            online_cpus=online,  # type: ignore[arg-type]
+            run_queue=2,
+            cpu_some=some,
+            memory_some=msome,
+            memory_full=0.0,
+            memory_total=total,  # type: ignore[arg-type]
+            memory_available=avail,  # type: ignore[arg-type]
+        )
+        for at, busy, online, some, msome, total, avail in sorted(rows)
+    ]
+    limits = Limits(1 * GiB, 8 * GiB, 12 * GiB)
+    decisions = decide_one(samples, cpu_limits=Limits(1, 8, 12), memory_limits=limits)
+    assert 1 <= decisions.cpu.target <= 12
+    assert 1 * GiB <= decisions.memory.target <= 12 * GiB
+    assert decisions.memory.target % BLOCK == 0
+    assert "\n" not in decisions.cpu.reason + decisions.memory.reason
+
+
+# --- parameters and types ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("make", "field_name"),
+    [
+        (lambda: CpuParams(target_utilisation_ratio=0.0), "target_utilisation_ratio"),
+        (lambda: CpuParams(target_utilisation_ratio=1.5), "target_utilisation_ratio"),
+        (lambda: CpuParams(shrink_window_seconds=-1.0), "shrink_window_seconds"),
+        (lambda: CpuParams(grow_window_seconds=math.nan), "grow_window_seconds"),
+        (lambda: CpuParams(burst_reserve_seconds=math.inf), "burst_reserve_seconds"),
+        (lambda: CpuParams(shrink_step_ratio=0.0), "shrink_step_ratio"),
+        (lambda: MemoryParams(headroom_percent=100.0), "headroom_percent"),
+        (lambda: MemoryParams(headroom_min_bytes=1.5), "headroom_min_bytes"),  # type: ignore[arg-type]
+        (lambda: MemoryParams(psi_full_threshold_percent=True), "psi_full_threshold_percent"),
+        (lambda: Limits(4, 2, 4), "maximum"),
+        (lambda: Limits(1, 4, 3), "burst"),
+        (lambda: Limits(-1, 4, 4), "minimum"),
+    ],
+)
+def test_bad_parameters_name_their_field(make: Callable[[], object], field_name: str) -> None:
+    with pytest.raises(ValueError, match=rf"^{field_name}: "):
+        make()
+
+
+def test_defaults() -> None:
+    cpu, memory = PARAMS.cpu, PARAMS.memory
+    assert (cpu.target_utilisation_ratio, cpu.grow_window_seconds) == (0.8, 2.0)
+    assert (cpu.shrink_window_seconds, memory.shrink_window_seconds) == (180.0, 300.0)
+    assert (memory.headroom_min_bytes, memory.headroom_percent) == (512 * MiB, 15.0)
+
+
+def test_swap_in_threshold_can_be_switched_off() -> None:
+    samples = history(60)
+    samples.append(calm(60.0, swap_in_per_s=1e6))
+    assert decide_one(samples).memory.direction == "grow"
+    off = PolicyParams(memory=MemoryParams(swap_in_threshold_pages_per_second=math.inf))
+    assert decide_one(samples, params=off).memory.direction == "hold"
+
+
+@pytest.mark.parametrize(
+    ("target", "current", "direction"), [(3, 2, "grow"), (1, 2, "shrink"), (2, 2, "hold")]
+)
+def test_direction(target: int, current: int, direction: str) -> None:
+    assert Decision(target, current, "", Urgency.LOW, False).direction == direction
+
+
+def test_urgency_values_match_the_protocol() -> None:
+    assert [u.value for u in Urgency] == [1, 2, 3]  # vmtide.v1 URGENCY_LOW..HIGH
