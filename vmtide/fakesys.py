@@ -175,6 +175,20 @@ class FakeGuest:
         boot_blocks: int = 8,
         auto_online: str = "offline",
     ) -> None:
+        self._attach(root, block_size)
+        self._build(possible_cpus, boot_cpus, boot_blocks, auto_online)
+
+    @classmethod
+    def open(cls, root: Path) -> FakeGuest:
+        """Attach to a tree another process built (e.g. the broker's backend)."""
+        size_file = root / "sys" / MEMORY_DIR / "block_size_bytes"
+        if not size_file.exists():
+            raise FileNotFoundError(f"{root} holds no simulated guest")
+        guest = cls.__new__(cls)
+        guest._attach(root, int(size_file.read_text(), 16))
+        return guest
+
+    def _attach(self, root: Path, block_size: int) -> None:
         self.root = root
         self.sysfs = root / "sys"
         self.procfs = root / "proc"
@@ -182,11 +196,10 @@ class FakeGuest:
         self.writer = FakeKernelWriter(root)
         self._cpu = self.sysfs / CPU_DIR
         self._memory = self.sysfs / MEMORY_DIR
-        self._jiffies: list[tuple[int, int]] = []  # (busy, idle) per possible CPU
+        self._jiffies: list[tuple[int, int]] = []  # (busy, idle) per CPU id
         self._psi = {"cpu": 0.0, "memory": 0.0, "io": 0.0}
         self._psi_total = {"cpu": 0, "memory": 0, "io": 0}
         self._swap = [0, 0]
-        self._build(possible_cpus, boot_cpus, boot_blocks, auto_online)
 
     # ----------------------------------------------------------------- build
 
@@ -199,7 +212,6 @@ class FakeGuest:
         _write(self._cpu / "online", "\n")
         for cpu in range(boot_cpus):
             self.plug_cpu(cpu, online=True)
-        self._jiffies = [(0, 0)] * possible
         _write(self._memory / "block_size_bytes", f"{self.block_size:x}\n")
         _write(self._memory / "auto_online_blocks", auto_online + "\n")
         for index in range(boot_blocks):
@@ -296,6 +308,8 @@ class FakeGuest:
     def tick(self, seconds: float, load: Load) -> None:
         """Advance the guest's clock by `seconds` under `load` and rewrite /proc."""
         online = sorted(self.online_cpus())
+        if online and len(self._jiffies) <= online[-1]:
+            self._jiffies += [(0, 0)] * (online[-1] + 1 - len(self._jiffies))
         capacity = float(len(online))
         busy = min(load.cpus, capacity)
         per_cpu = busy / capacity if capacity else 0.0

@@ -554,11 +554,16 @@ class Ack(_message.Message):
     ITEMS_FIELD_NUMBER: _builtins.int
     ONLINE_CPUS_FIELD_NUMBER: _builtins.int
     ONLINE_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    NOTE_FIELD_NUMBER: _builtins.int
     grant_id: _builtins.int
     reclaim_id: _builtins.int
     online_cpus: _builtins.int
     """Online CPUs and memory after acting, for the broker's accounting."""
     online_memory_bytes: _builtins.int
+    note: _builtins.str
+    """Why the guest stopped short of the asked amount, when it did (e.g. "the
+    guest's minimum is 2 CPUs", "no movable block left to offline").
+    """
     @_builtins.property
     def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemResult]: ...
     def __init__(
@@ -569,10 +574,11 @@ class Ack(_message.Message):
         items: _abc.Iterable[Global___ItemResult] | None = ...,
         online_cpus: _builtins.int = ...,
         online_memory_bytes: _builtins.int = ...,
+        note: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "grant_id", b"grant_id", "reclaim_id", b"reclaim_id"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "grant_id", b"grant_id", "items", b"items", "online_cpus", b"online_cpus", "online_memory_bytes", b"online_memory_bytes", "reclaim_id", b"reclaim_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "grant_id", b"grant_id", "items", b"items", "note", b"note", "online_cpus", b"online_cpus", "online_memory_bytes", b"online_memory_bytes", "reclaim_id", b"reclaim_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_answers: _TypeAlias = _typing.Literal["grant_id", "reclaim_id"]  # noqa: Y015
     _WhichOneofArgType_answers: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015

@@ -1,0 +1,118 @@
+"""Brings the guest to a number of online CPUs and bytes of online memory.
+
+Chooses which CPUs and blocks move, writes through the kernel interface, and
+returns one result per item it touched. Growth takes standby resources in
+index order; shrinking gives back the highest CPUs first (never a CPU without
+an `online` file) and only blocks in ZONE_MOVABLE, whose pages can migrate.
+Nothing here ever takes the guest below the floor it is given.
+
+The methods block (sysfs writes, memory migration): the daemon runs them in a
+worker thread, one at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import time
+from collections.abc import Callable, Collection
+
+from agent.kernel import ItemResult, Kernel, OnlineType, Outcome
+from agent.topology import Topology
+
+log = logging.getLogger("vmtide.agent.actuator")
+
+
+class Actuator:
+    def __init__(
+        self,
+        kernel: Kernel,
+        online_type: OnlineType = OnlineType.MOVABLE,
+        offline_timeout: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kernel = kernel
+        self.online_type = online_type
+        self.offline_timeout = offline_timeout
+        self._clock = clock
+
+    def topology(self) -> Topology:
+        return Topology.read(self.kernel)
+
+    def online_cpus(self, target: int, only: Collection[int] | None = None) -> list[ItemResult]:
+        """Online standby CPUs (of `only`, if given), lowest id first, until `target` are online."""
+        topo = self.topology()
+        results = []
+        online = topo.online_cpus
+        for cpu in sorted(c for c in topo.standby_cpus if only is None or c in only):
+            if online >= target:
+                break
+            result = self.kernel.set_cpu(cpu, online=True)
+            results.append(result)
+            online += result.ok
+        return results
+
+    def offline_cpus(self, target: int, floor: int) -> list[ItemResult]:
+        """Offline CPUs, highest id first, down to max(target, floor)."""
+        topo = self.topology()
+        goal = max(target, floor, 1)
+        online = topo.online_cpus
+        results = []
+        for cpu in sorted(
+            (c for c in topo.cpus if c.online and c.hotpluggable), key=lambda c: -c.id
+        ):
+            if online <= goal:
+                break
+            result = self.kernel.set_cpu(cpu.id, online=False)
+            results.append(result)
+            online -= result.ok
+        return results
+
+    def online_memory(
+        self, target_bytes: int, only: Collection[int] | None = None
+    ) -> list[ItemResult]:
+        """Online offline blocks (of `only`, if given), lowest index first, up to `target_bytes`."""
+        topo = self.topology()
+        online = topo.online_memory_bytes
+        results = []
+        for index in sorted(b for b in topo.standby_blocks if only is None or b in only):
+            if online >= target_bytes:
+                break
+            result = self.kernel.online_block(index, self.online_type)
+            if (
+                result.outcome is Outcome.REFUSED
+                and result.errno == errno.EINVAL
+                and self.online_type is OnlineType.MOVABLE
+            ):
+                # Movable is not valid for this block (it sits between kernel
+                # zones); take the kernel's choice rather than leave it unused.
+                log.info("memory%d cannot be movable; onlining it in the kernel's zone", index)
+                result = self.kernel.online_block(index, OnlineType.DEFAULT)
+            results.append(result)
+            online += topo.block_size * result.ok
+        return results
+
+    def offline_memory(
+        self, target_bytes: int, floor_bytes: int, deadline: float | None = None
+    ) -> list[ItemResult]:
+        """Offline movable blocks, highest index first, down to max(target, floor).
+
+        A refused block is reported and the next one tried, so one pinned page
+        does not stop the release; nothing is tried after the deadline.
+        """
+        topo = self.topology()
+        goal = max(target_bytes, floor_bytes)
+        online = topo.online_memory_bytes
+        results = []
+        for block in sorted((b for b in topo.blocks if b.movable), key=lambda b: -b.index):
+            if online - topo.block_size < goal:
+                break
+            timeout = self.offline_timeout
+            if deadline is not None:
+                timeout = min(timeout, deadline - self._clock())
+                if timeout <= 0:
+                    break
+            result = self.kernel.offline_block(block.index, timeout=timeout)
+            results.append(result)
+            online -= topo.block_size * result.ok
+        return results

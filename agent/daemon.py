@@ -1,0 +1,638 @@
+"""The agent daemon: sense, decide, negotiate, act.
+
+One asyncio loop runs four tasks: sensing (every period, or at once when a PSI
+trigger fires), the broker link, uevents, and a periodic sysfs rescan. Kernel
+writes run in a worker thread, one batch at a time, so the loop never blocks on
+memory migration.
+
+Rules the daemon keeps whatever the broker says:
+- never below the configured minimum: missing CPUs or memory are onlined from
+  standby at once, and a reclaim below the minimum is refused;
+- standby resources are onlined when the broker has granted them (and at once
+  when the grant arrives); without a broker the guest stays as it is, except
+  that resources the host hot-adds meanwhile are onlined;
+- nothing is offlined without a reclaim from the broker, which then unplugs
+  exactly the items the acknowledgement lists as offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+
+from agent import policy
+from agent.actuator import Actuator
+from agent.config import AgentConfig
+from agent.kernel import Action, ItemResult, Kind, Outcome
+from agent.metrics import AgentMetrics
+from agent.sensing import PressureWatch, Reading, Sensor
+from agent.session import BrokerLink
+from agent.topology import Topology
+from agent.udev import Uevent, UeventSource
+from vmtide import PROTOCOL_VERSION, __version__
+from vmtide.v1 import broker_pb2 as pb
+
+log = logging.getLogger("vmtide.agent")
+
+_URGENCY = {
+    policy.Urgency.LOW: pb.URGENCY_LOW,
+    policy.Urgency.NORMAL: pb.URGENCY_NORMAL,
+    policy.Urgency.HIGH: pb.URGENCY_HIGH,
+}
+_OUTCOMES = {
+    Outcome.DONE: pb.OUTCOME_DONE,
+    Outcome.ALREADY: pb.OUTCOME_ALREADY,
+    Outcome.REFUSED: pb.OUTCOME_REFUSED,
+    Outcome.TIMED_OUT: pb.OUTCOME_TIMED_OUT,
+    Outcome.NOT_FOUND: pb.OUTCOME_NOT_FOUND,
+}
+
+
+@dataclass(frozen=True)
+class Amount:
+    cpus: int
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class EffectiveLimits:
+    cpus: policy.Limits
+    memory: policy.Limits
+
+
+def effective_limits(
+    config: AgentConfig, topo: Topology, broker: pb.Limits | None
+) -> EffectiveLimits:
+    """The guest's own limits, tightened by the host's, in whole blocks.
+
+    The guest's minimum always wins: the broker may lower the ceiling, never
+    the floor.
+    """
+    block = topo.block_size
+    cpu_cfg, mem_cfg = config.limits.cpus, config.limits.memory
+    cpu_max = cpu_cfg.maximum or len(topo.possible_cpus)
+    mem_max = mem_cfg.maximum_bytes
+    cpu_burst = cpu_cfg.burst or cpu_max
+    mem_burst = mem_cfg.burst_bytes
+    if broker is not None and broker.HasField("cpus") and broker.cpus.maximum:
+        cpu_max = min(cpu_max, broker.cpus.maximum)
+        cpu_burst = min(cpu_burst, broker.cpus.burst or broker.cpus.maximum)
+    if broker is not None and broker.HasField("memory_bytes") and broker.memory_bytes.maximum:
+        host = broker.memory_bytes
+        mem_max = min(mem_max, host.maximum) if mem_max else host.maximum
+        mem_burst = min(mem_burst or mem_max, host.burst or host.maximum)
+    # Without a ceiling from either side, what the guest lists is the ceiling.
+    mem_max = mem_max or max(topo.max_memory_bytes, topo.online_memory_bytes)
+    mem_burst = mem_burst or mem_max
+    cpu_min = min(cpu_cfg.minimum, len(topo.possible_cpus))
+    mem_min = -(-mem_cfg.minimum_bytes // block) * block  # whole blocks, rounded up
+    cpu_max, mem_max = max(cpu_max, cpu_min), max(mem_max // block * block, mem_min)
+    return EffectiveLimits(
+        cpus=policy.Limits(cpu_min, cpu_max, max(cpu_burst, cpu_max)),
+        memory=policy.Limits(mem_min, mem_max, max(mem_burst // block * block, mem_max)),
+    )
+
+
+def make_sample(reading: Reading, topo: Topology) -> policy.Sample:
+    """The policy's view of one sensing period."""
+    return policy.Sample(
+        at=reading.at,
+        cpu_busy=reading.cpu_busy,
+        online_cpus=topo.online_cpus,
+        run_queue=reading.run_queue,
+        cpu_some=reading.cpu_some,
+        memory_some=reading.memory_some,
+        memory_full=reading.memory_full,
+        memory_total=reading.memory_total,
+        memory_available=reading.memory_available,
+        swap_in_per_s=reading.swap_in_per_s,
+        swap_out_per_s=reading.swap_out_per_s,
+        memory_online=topo.online_memory_bytes,
+    )
+
+
+def item_to_proto(item: ItemResult) -> pb.ItemResult:
+    return pb.ItemResult(
+        kind=pb.RESOURCE_KIND_CPU if item.kind is Kind.CPU else pb.RESOURCE_KIND_MEMORY_BLOCK,
+        index=item.index,
+        action=pb.ACTION_ONLINE if item.action is Action.ONLINE else pb.ACTION_OFFLINE,
+        outcome=_OUTCOMES[item.outcome],
+        errno=item.errno,
+        detail=item.detail,
+    )
+
+
+class Agent:
+    """Composition of the daemon's parts; `run()` drives them until stopped."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        actuator: Actuator,
+        sensor: Sensor,
+        metrics: AgentMetrics,
+        *,
+        guest_id: str,
+        pressure: PressureWatch | None = None,
+        uevents: UeventSource | None = None,
+        link_factory: Callable[[Agent], BrokerLink] | None = None,
+        notify: Callable[[str], None] = lambda state: None,
+    ) -> None:
+        self.config = config
+        self.actuator = actuator
+        self.sensor = sensor
+        self.metrics = metrics
+        self.guest_id = guest_id
+        self.pressure = pressure
+        self.uevents = uevents
+        self.notify = notify
+        self.topo = actuator.topology()
+        self.broker_limits: pb.Limits | None = None
+        self.limits = effective_limits(config, self.topo, None)
+        # What the broker lets this guest hold; None until it says (then the
+        # guest keeps what it has).
+        self.entitlement: Amount | None = None
+        # Exactly the history the policy reads: shrinking needs a full window.
+        history = config.policy.history_seconds / config.agent.sensing_interval_seconds
+        self.samples: collections.deque[policy.Sample] = collections.deque(
+            maxlen=math.ceil(history) + 1
+        )
+        self.policy_state = policy.PolicyState()
+        self.decisions: policy.Decisions | None = None
+        self.last_reading: Reading | None = None
+        self._act_lock = asyncio.Lock()
+        self._seen_ids: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
+        self._request_id = 0
+        self._last_request: tuple[int, int, float] | None = None  # cpus, bytes, when
+        self._grow_started: dict[str, float] = {}
+        self._last_grant_id = 0
+        self._known_standby = (
+            frozenset(self.topo.standby_cpus),
+            frozenset(self.topo.standby_blocks),
+        )
+        factory = link_factory or (
+            lambda agent: BrokerLink(
+                agent.config.broker, agent.hello, agent.on_broker_message, agent.on_link_state
+            )
+        )
+        self.link: BrokerLink | None = factory(self) if config.broker.enabled else None
+        if self.topo.auto_online != "offline":
+            log.info(
+                "the kernel onlines hot-added memory itself (auto_online_blocks=%s): "
+                "vmtide leaves onlining to it and only offlines what the broker reclaims",
+                self.topo.auto_online,
+            )
+
+    # ------------------------------------------------------------------ run
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.ensure_minimum("start")
+        self.notify("READY=1")
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(self._sensing_loop(stop))
+            tasks.create_task(self._rescan_loop(stop))
+            if self.link is not None:
+                tasks.create_task(self.link.run(stop))
+            if self.uevents is not None:
+                tasks.create_task(self._uevent_loop(stop))
+        log.info("agent stopped")
+
+    async def _sensing_loop(self, stop: asyncio.Event) -> None:
+        interval = self.config.agent.sensing_interval_seconds
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                await self.sense_and_decide()
+                self.metrics.observe_cycle(ok=True)
+            except Exception:
+                # A broken cycle must not stop resizing silently (MOM's policy
+                # crash did): log loudly, count it, keep the guest as it is.
+                log.exception("sensing cycle failed; the guest keeps its current size")
+                self.metrics.observe_cycle(ok=False)
+            self.notify("WATCHDOG=1")
+            remaining = max(interval - (time.monotonic() - started), 0.0)
+            if self.pressure is not None and self.pressure.available:
+                # A PSI trigger ends the wait early: the next cycle sees the spike.
+                if await self.pressure.wait(remaining):
+                    log.debug("pressure trigger fired")
+            else:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), remaining)
+
+    async def _rescan_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.agent.rescan_interval_seconds)
+            if not stop.is_set():
+                await self.reconcile("rescan")
+
+    async def _uevent_loop(self, stop: asyncio.Event) -> None:
+        assert self.uevents is not None
+        async for event in self.uevents.events(stop):
+            await self.on_uevent(event)
+
+    # --------------------------------------------------------------- sensing
+
+    async def sense_and_decide(self) -> policy.Decisions:
+        reading = self.sensor.sample()
+        self.last_reading = reading
+        topo = self.topo
+        sample = make_sample(reading, topo)
+        self.samples.append(sample)
+        decisions, self.policy_state = policy.decide(
+            list(self.samples),
+            self.limits.cpus,
+            self.limits.memory,
+            topo.block_size,
+            self.config.policy,
+            self.policy_state,
+        )
+        self._log_decisions(decisions)
+        self.decisions = decisions
+        self.metrics.observe_decisions(decisions)
+        self.metrics.observe_reading(reading)
+        self._send_report(reading)
+        await self.pursue(decisions)
+        return decisions
+
+    def _log_decisions(self, decisions: policy.Decisions) -> None:
+        previous = self.decisions
+        for name, decision, before in (
+            ("cpus", decisions.cpu, previous.cpu if previous else None),
+            ("memory", decisions.memory, previous.memory if previous else None),
+        ):
+            if decision.direction == "hold" and (before is None or before.direction == "hold"):
+                continue
+            if before is not None and before.target == decision.target:
+                continue
+            log.info(
+                "decision %s %s %s -> %s: %s",
+                name,
+                decision.direction,
+                _fmt(name, decision.current),
+                _fmt(name, decision.target),
+                decision.reason,
+            )
+
+    def _send_report(self, reading: Reading) -> None:
+        if self.link is None:
+            return
+        self.link.send(
+            pb.GuestMessage(
+                report=pb.LoadReport(
+                    cpu_busy=reading.cpu_busy,
+                    run_queue=reading.run_queue,
+                    cpu_some_avg10=reading.cpu_some,
+                    memory_some_avg10=reading.memory_some,
+                    memory_full_avg10=reading.memory_full,
+                    io_some_avg10=reading.io_some,
+                    io_full_avg10=reading.io_full,
+                    memory_available_bytes=reading.memory_available,
+                    memory_total_bytes=reading.memory_total,
+                    swap_in_per_second=reading.swap_in_per_s,
+                    swap_out_per_second=reading.swap_out_per_s,
+                    online_cpus=self.topo.online_cpus,
+                    online_memory_bytes=self.topo.online_memory_bytes,
+                )
+            )
+        )
+
+    # ---------------------------------------------------------------- pursue
+
+    async def pursue(self, decisions: policy.Decisions) -> None:
+        """Move toward the policy's targets within what the broker granted."""
+        want = Amount(decisions.cpu.target, decisions.memory.target)
+        have = Amount(self.topo.online_cpus, self.topo.online_memory_bytes)
+        now = time.monotonic()
+        for resource, wanted, held in (
+            ("cpus", want.cpus, have.cpus),
+            ("memory", want.memory_bytes, have.memory_bytes),
+        ):
+            if wanted > held:
+                self._grow_started.setdefault(resource, now)
+            else:
+                self._grow_started.pop(resource, None)
+        granted = self.entitlement
+        if granted is not None and (
+            min(want.cpus, granted.cpus) > have.cpus
+            or min(want.memory_bytes, granted.memory_bytes) > have.memory_bytes
+        ):
+            await self.act(
+                "policy",
+                Amount(min(want.cpus, granted.cpus), min(want.memory_bytes, granted.memory_bytes)),
+            )
+        self._request(want, decisions)
+
+    def _request(self, want: Amount, decisions: policy.Decisions) -> None:
+        if self.link is None or not self.link.connected:
+            return
+        granted = self.entitlement or Amount(self.topo.online_cpus, self.topo.online_memory_bytes)
+        if want == granted:
+            self._last_request = None
+            return
+        now = time.monotonic()
+        last = self._last_request
+        if (
+            last is not None
+            and (last[0], last[1]) == (want.cpus, want.memory_bytes)
+            and now - last[2] < self.config.broker.request_retry_seconds
+        ):
+            return
+        self._request_id += 1
+        urgency = max(decisions.cpu.urgency, decisions.memory.urgency, key=lambda u: _URGENCY[u])
+        reasons = [
+            f"{name}: {d.reason}"
+            for name, d in (("cpus", decisions.cpu), ("memory", decisions.memory))
+            if d.direction != "hold"
+        ]
+        self.link.send(
+            pb.GuestMessage(
+                request=pb.ResourceRequest(
+                    request_id=self._request_id,
+                    cpus=want.cpus,
+                    memory_bytes=want.memory_bytes,
+                    reason="; ".join(reasons) or "holding",
+                    urgency=_URGENCY[urgency],
+                )
+            )
+        )
+        self._last_request = (want.cpus, want.memory_bytes, now)
+        log.info(
+            "request %d: %d cpus, %s (%s)",
+            self._request_id,
+            want.cpus,
+            _fmt("memory", want.memory_bytes),
+            "; ".join(reasons) or "holding",
+        )
+
+    # ------------------------------------------------------------------ act
+
+    async def act(
+        self,
+        why: str,
+        target: Amount,
+        only: tuple[Collection[int], Collection[int]] | None = None,
+    ) -> list[ItemResult]:
+        """Online standby resources up to `target` (never offlines); `only`
+        restricts it to these CPUs and blocks."""
+        async with self._act_lock:
+            results = await asyncio.to_thread(self._online_up_to, target, only)
+            await self._after_act(why, results)
+        return results
+
+    def _online_up_to(
+        self, target: Amount, only: tuple[Collection[int], Collection[int]] | None
+    ) -> list[ItemResult]:
+        cpus, blocks = only if only is not None else (None, None)
+        results = self.actuator.online_cpus(target.cpus, cpus)
+        results += self.actuator.online_memory(target.memory_bytes, blocks)
+        return results
+
+    async def release(self, target: Amount, deadline: float) -> tuple[list[ItemResult], str]:
+        """Offline down to `target`, never below the minimum; returns items and a note."""
+        floor = Amount(self.limits.cpus.minimum, self.limits.memory.minimum)
+        notes = []
+        if target.cpus < floor.cpus:
+            notes.append(f"the guest's minimum is {floor.cpus} CPUs")
+        if target.memory_bytes < floor.memory_bytes:
+            notes.append(f"the guest's minimum is {_fmt('memory', floor.memory_bytes)}")
+        async with self._act_lock:
+            results = await asyncio.to_thread(self._offline_down_to, target, floor, deadline)
+            await self._after_act("reclaim", results)
+        topo = self.topo
+        if topo.online_memory_bytes > max(target.memory_bytes, floor.memory_bytes):
+            notes.append(
+                f"memory stayed at {_fmt('memory', topo.online_memory_bytes)}: "
+                "no more movable blocks would go offline"
+            )
+        if topo.online_cpus > max(target.cpus, floor.cpus):
+            notes.append(f"cpus stayed at {topo.online_cpus}")
+        return results, "; ".join(notes)
+
+    def _offline_down_to(self, target: Amount, floor: Amount, deadline: float) -> list[ItemResult]:
+        results = self.actuator.offline_cpus(target.cpus, floor.cpus)
+        results += self.actuator.offline_memory(target.memory_bytes, floor.memory_bytes, deadline)
+        return results
+
+    async def _after_act(self, why: str, results: Sequence[ItemResult]) -> None:
+        self.topo = await asyncio.to_thread(self.actuator.topology)
+        self._known_standby = (
+            frozenset(self.topo.standby_cpus),
+            frozenset(self.topo.standby_blocks),
+        )
+        self.limits = effective_limits(self.config, self.topo, self.broker_limits)
+        now = time.monotonic()
+        for item in results:
+            self.metrics.observe_item(item)
+            level = logging.INFO if item.ok else logging.WARNING
+            log.log(level, "resize (%s): %s", why, item)
+        for resource, reached in (
+            ("cpus", self.decisions is None or self.topo.online_cpus >= self.decisions.cpu.target),
+            (
+                "memory",
+                self.decisions is None
+                or self.topo.online_memory_bytes >= self.decisions.memory.target,
+            ),
+        ):
+            started = self._grow_started.get(resource)
+            if reached and started is not None and results:
+                self.metrics.observe_grow_latency(resource, now - started)
+                del self._grow_started[resource]
+
+    async def ensure_minimum(self, why: str) -> None:
+        """Online standby resources until the guest holds at least its minimum."""
+        floor = Amount(self.limits.cpus.minimum, self.limits.memory.minimum)
+        if self.topo.online_cpus < floor.cpus or self.topo.online_memory_bytes < floor.memory_bytes:
+            log.warning(
+                "guest below its minimum (%d cpus, %s online; minimum %d cpus, %s): onlining",
+                self.topo.online_cpus,
+                _fmt("memory", self.topo.online_memory_bytes),
+                floor.cpus,
+                _fmt("memory", floor.memory_bytes),
+            )
+            await self.act(f"minimum, {why}", floor)
+
+    async def reconcile(self, why: str) -> None:
+        """Rescan sysfs: uevents get lost, and hot-plug may finish after a grant."""
+        async with self._act_lock:
+            self.topo = await asyncio.to_thread(self.actuator.topology)
+        await self.ensure_minimum(why)
+        granted = self.entitlement
+        connected = self.link is not None and self.link.connected
+        if connected and granted is not None:
+            have = Amount(self.topo.online_cpus, self.topo.online_memory_bytes)
+            short = granted.cpus > have.cpus or granted.memory_bytes > have.memory_bytes
+            if short and (self.topo.standby_cpus or self.topo.standby_blocks):
+                await self._act_and_ack(why, granted)
+        elif not connected:
+            await self._online_hot_added(why)
+        else:
+            self._known_standby = (
+                frozenset(self.topo.standby_cpus),
+                frozenset(self.topo.standby_blocks),
+            )
+
+    async def _online_hot_added(self, why: str) -> None:
+        """Without a broker, online what the host added since we last looked."""
+        cpus, blocks = self._known_standby
+        new_cpus = set(self.topo.standby_cpus) - cpus
+        new_blocks = set(self.topo.standby_blocks) - blocks
+        if not new_cpus and not new_blocks:
+            return
+        target = Amount(
+            self.topo.online_cpus + len(new_cpus),
+            self.topo.online_memory_bytes + len(new_blocks) * self.topo.block_size,
+        )
+        log.info(
+            "host hot-added %d cpus and %d blocks while no broker session: onlining",
+            len(new_cpus),
+            len(new_blocks),
+        )
+        await self.act(f"hot-add, {why}", target, only=(new_cpus, new_blocks))
+
+    async def _act_and_ack(self, why: str, target: Amount) -> None:
+        results = await self.act(why, target)
+        if results and self._last_grant_id:
+            self._send_ack(pb.Ack(grant_id=self._last_grant_id), results)
+
+    async def on_uevent(self, event: Uevent) -> None:
+        log.debug("uevent %s", event)
+        if event.action in ("add", "online", "offline", "remove"):
+            await self.reconcile(f"uevent {event.action} {event.name}")
+
+    # --------------------------------------------------------------- broker
+
+    def hello(self) -> pb.Hello:
+        cpus, memory = self.limits.cpus, self.limits.memory
+        return pb.Hello(
+            protocol_version=PROTOCOL_VERSION,
+            guest_id=self.guest_id,
+            agent_version=__version__,
+            topology=self.topo.to_proto(),
+            limits=pb.Limits(
+                cpus=pb.ResourceLimits(
+                    minimum=cpus.minimum, maximum=cpus.maximum, burst=cpus.burst
+                ),
+                memory_bytes=pb.ResourceLimits(
+                    minimum=memory.minimum, maximum=memory.maximum, burst=memory.burst
+                ),
+            ),
+        )
+
+    def on_link_state(self, connected: bool) -> None:
+        self.metrics.broker_connected(connected)
+        if not connected:
+            # A new session starts from the truth; the old entitlement stands
+            # until the broker says otherwise (never shrink on a disconnect).
+            self._last_request = None
+
+    async def on_broker_message(self, message: pb.BrokerMessage) -> None:
+        body = message.WhichOneof("body")
+        if body == "welcome":
+            welcome = message.welcome
+            self._set_broker_limits(welcome.limits if welcome.HasField("limits") else None)
+            await self.reconcile("reconnect")
+        elif body == "grant":
+            await self._on_grant(message.grant)
+        elif body == "reclaim":
+            await self._on_reclaim(message.reclaim)
+        elif body == "limits":
+            self._set_broker_limits(message.limits.limits)
+            log.info("broker changed the limits: %s", self._fmt_limits())
+        else:
+            log.warning("ignoring a broker message with no known body")
+
+    def _set_broker_limits(self, limits: pb.Limits | None) -> None:
+        self.broker_limits = limits
+        self.limits = effective_limits(self.config, self.topo, limits)
+
+    def _fmt_limits(self) -> str:
+        c, m = self.limits.cpus, self.limits.memory
+        return (
+            f"cpus {c.minimum}-{c.maximum} (burst {c.burst}), memory "
+            f"{_fmt('memory', m.minimum)}-{_fmt('memory', m.maximum)} "
+            f"(burst {_fmt('memory', m.burst)})"
+        )
+
+    def _seen(self, kind: str, ident: int) -> bool:
+        if (kind, ident) in self._seen_ids:
+            return True
+        self._seen_ids.append((kind, ident))
+        return False
+
+    async def _on_grant(self, grant: pb.Grant) -> None:
+        if self._seen("grant", grant.grant_id):
+            log.info("grant %d seen before; ignoring the duplicate", grant.grant_id)
+            return
+        block = self.topo.block_size
+        limits = self.limits
+        problems = []
+        cpus, memory = grant.cpus, grant.memory_bytes // block * block
+        if cpus > limits.cpus.burst:
+            problems.append(f"{cpus} cpus is above this guest's burst limit {limits.cpus.burst}")
+            cpus = limits.cpus.burst
+        if memory > limits.memory.burst:
+            problems.append(
+                f"{_fmt('memory', memory)} is above the burst limit "
+                f"{_fmt('memory', limits.memory.burst)}"
+            )
+            memory = limits.memory.burst
+        if grant.memory_bytes % block:
+            problems.append(f"memory {grant.memory_bytes} is not a whole number of blocks")
+        self.entitlement = Amount(
+            max(cpus, limits.cpus.minimum), max(memory, limits.memory.minimum)
+        )
+        self._last_grant_id = grant.grant_id
+        log.info(
+            "grant %d: may hold %d cpus and %s%s",
+            grant.grant_id,
+            self.entitlement.cpus,
+            _fmt("memory", self.entitlement.memory_bytes),
+            f" (capped: {'; '.join(problems)})" if problems else "",
+        )
+        results = await self.act(f"grant {grant.grant_id}", self.entitlement)
+        self._send_ack(pb.Ack(grant_id=grant.grant_id, note="; ".join(problems)), results)
+
+    async def _on_reclaim(self, reclaim: pb.Reclaim) -> None:
+        if self._seen("reclaim", reclaim.reclaim_id):
+            log.info("reclaim %d seen before; ignoring the duplicate", reclaim.reclaim_id)
+            return
+        deadline_s = reclaim.deadline_ms / 1000 if reclaim.deadline_ms else 30.0
+        target = Amount(reclaim.cpus, reclaim.memory_bytes)
+        log.info(
+            "reclaim %d: come down to %d cpus and %s within %.1f s",
+            reclaim.reclaim_id,
+            target.cpus,
+            _fmt("memory", target.memory_bytes),
+            deadline_s,
+        )
+        results, note = await self.release(target, time.monotonic() + deadline_s)
+        # The broker's decision stands even where the kernel refused: the
+        # guest will not grow back into it, and the Ack says what stayed.
+        floor = self.limits
+        self.entitlement = Amount(
+            max(target.cpus, floor.cpus.minimum),
+            max(target.memory_bytes, floor.memory.minimum),
+        )
+        if note:
+            log.warning("reclaim %d: %s", reclaim.reclaim_id, note)
+        self._send_ack(pb.Ack(reclaim_id=reclaim.reclaim_id, note=note), results)
+
+    def _send_ack(self, ack: pb.Ack, results: Sequence[ItemResult]) -> None:
+        ack.items.extend(item_to_proto(r) for r in results)
+        ack.online_cpus = self.topo.online_cpus
+        ack.online_memory_bytes = self.topo.online_memory_bytes
+        if self.link is not None:
+            self.link.send(pb.GuestMessage(ack=ack))
+
+
+def _fmt(resource: str, value: int) -> str:
+    if resource == "memory":
+        return f"{value / (1 << 20):.0f} MiB"
+    return str(value)

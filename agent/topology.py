@@ -1,0 +1,79 @@
+"""A snapshot of the guest's CPUs and memory blocks, and its proto form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.kernel import BlockState, Cpu, Kernel, MemoryBlock
+from vmtide.v1 import broker_pb2 as pb
+
+_BLOCK_STATES = {
+    BlockState.ONLINE: pb.BLOCK_STATE_ONLINE,
+    BlockState.OFFLINE: pb.BLOCK_STATE_OFFLINE,
+    BlockState.GOING_OFFLINE: pb.BLOCK_STATE_GOING_OFFLINE,
+}
+
+
+@dataclass(frozen=True)
+class Topology:
+    possible_cpus: frozenset[int]
+    cpus: tuple[Cpu, ...]  # present CPUs
+    block_size: int
+    blocks: tuple[MemoryBlock, ...]
+    auto_online: str  # memory/auto_online_blocks
+
+    @classmethod
+    def read(cls, kernel: Kernel) -> Topology:
+        return cls(
+            possible_cpus=kernel.cpus_possible(),
+            cpus=tuple(kernel.cpus()),
+            block_size=kernel.block_size(),
+            blocks=tuple(kernel.memory_blocks()),
+            auto_online=kernel.auto_online_blocks(),
+        )
+
+    @property
+    def online_cpus(self) -> int:
+        return sum(c.online for c in self.cpus)
+
+    @property
+    def standby_cpus(self) -> tuple[int, ...]:
+        """Plugged by the host, not yet onlined."""
+        return tuple(c.id for c in self.cpus if not c.online)
+
+    @property
+    def online_memory_bytes(self) -> int:
+        return sum(b.online for b in self.blocks) * self.block_size
+
+    @property
+    def standby_blocks(self) -> tuple[int, ...]:
+        return tuple(b.index for b in self.blocks if b.state is BlockState.OFFLINE)
+
+    @property
+    def max_memory_bytes(self) -> int:
+        """Everything the guest lists now; hot-plug may add more later."""
+        return len(self.blocks) * self.block_size
+
+    def to_proto(self) -> pb.Topology:
+        online = [c.id for c in self.cpus if c.online]
+        return pb.Topology(
+            cpus=pb.CpuTopology(
+                possible=sorted(self.possible_cpus),
+                present=[c.id for c in self.cpus],
+                online=online,
+                pinned=[c.id for c in self.cpus if not c.hotpluggable],
+            ),
+            memory=pb.MemoryTopology(
+                block_size_bytes=self.block_size,
+                blocks=[
+                    pb.MemoryBlock(
+                        index=b.index,
+                        state=_BLOCK_STATES[b.state],
+                        zone=pb.ZONE_MOVABLE if b.zones[:1] == ("Movable",) else pb.ZONE_KERNEL,
+                        node=b.node or 0,
+                    )
+                    for b in self.blocks
+                ],
+                auto_online=self.auto_online != "offline",
+            ),
+        )
