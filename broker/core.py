@@ -1,0 +1,522 @@
+"""The broker's bookkeeping: what each guest holds, wants and is giving back.
+
+`Broker` owns one `GuestRecord` per configured guest and the capacity pool.
+Sessions feed it guest messages; it runs the arbiter and turns the plan into
+hot-plugs and Grants, or Reclaims whose acknowledgements lead to unplugs.
+
+Accounting rules:
+- a guest's truth comes from its Hello and Acks (what its kernel has online);
+- capacity a Reclaim asks back stays counted ("releasing") until the guest has
+  acknowledged and the backend has unplugged it, so it is never handed out twice;
+- a guest that disconnects keeps what it holds; its next Hello corrects the books.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.arbiter import Amount, GuestLimits, GuestView, Pool, arbitrate
+from broker.backend import Backend, BackendError
+from broker.config import BrokerConfig, GuestConfig
+from broker.metrics import BrokerMetrics
+from vmtide.v1 import broker_pb2 as pb
+
+log = logging.getLogger("vmtide.broker")
+
+ZERO = Amount(0, 0)
+# After a reclaim's deadline the guest gets this long for its Ack to arrive
+# before the broker stops waiting (the capacity stays counted either way).
+_ACK_GRACE_SECONDS = 5.0
+# A guest that could not give everything back (pinned pages, EBUSY) is not
+# asked again at once: the kernel would refuse the same blocks again.
+SHORT_RECLAIM_BACKOFF_SECONDS = 30.0
+
+
+@dataclass
+class PendingReclaim:
+    reclaim_id: int
+    target: Amount
+    releasing: Amount
+    deadline: float
+
+
+@dataclass
+class GuestRecord:
+    config: GuestConfig
+    backend: Backend
+    limits: GuestLimits
+    outbox: asyncio.Queue[pb.BrokerMessage | None] | None = None
+    session_id: str = ""
+    online: Amount = ZERO  # the guest kernel's truth, from Hello and Acks
+    entitled: Amount = ZERO  # what the last Grant or Reclaim allowed
+    demand: Amount = ZERO  # the last request
+    present_cpus: frozenset[int] = frozenset()
+    present_memory: int = 0  # bytes of listed blocks, online or not
+    block_size: int = 128 << 20
+    pending: dict[int, PendingReclaim] = field(default_factory=dict)
+    last_report: pb.LoadReport | None = None
+    last_request_at: float = 0.0
+    reclaim_backoff_until: float = 0.0
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    @property
+    def connected(self) -> bool:
+        return self.outbox is not None
+
+    @property
+    def releasing(self) -> Amount:
+        total = ZERO
+        for reclaim in self.pending.values():
+            total = total + reclaim.releasing
+        return total
+
+    @property
+    def held(self) -> Amount:
+        """Capacity in use, disjoint from `releasing` as the arbiter wants."""
+        if self.pending:
+            return self.entitled  # the reclaim's target; the rest is releasing
+        return self.online.max_each(self.entitled)
+
+    def send(self, message: pb.BrokerMessage) -> None:
+        if self.outbox is not None:
+            self.outbox.put_nowait(message)
+
+
+def limits_from_config(guest: GuestConfig) -> GuestLimits:
+    cpus, memory = guest.cpus, guest.memory
+    return GuestLimits(
+        minimum=Amount(cpus.minimum, memory.minimum_bytes),
+        maximum=Amount(cpus.maximum, memory.maximum_bytes),
+        burst=Amount(cpus.burst or cpus.maximum, memory.burst_bytes or memory.maximum_bytes),
+        priority=guest.priority,
+    )
+
+
+def limits_to_proto(limits: GuestLimits) -> pb.Limits:
+    return pb.Limits(
+        cpus=pb.ResourceLimits(
+            minimum=limits.minimum.cpus, maximum=limits.maximum.cpus, burst=limits.burst.cpus
+        ),
+        memory_bytes=pb.ResourceLimits(
+            minimum=limits.minimum.memory,
+            maximum=limits.maximum.memory,
+            burst=limits.burst.memory,
+        ),
+    )
+
+
+class ProtocolViolationError(Exception):
+    """A guest message that makes no sense; the message is refused, the session goes on."""
+
+
+class Broker:
+    def __init__(
+        self,
+        config: BrokerConfig,
+        backends: dict[str, Backend],
+        metrics: BrokerMetrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.pool = Pool(capacity=Amount(config.pool.cpus, config.pool.memory_bytes))
+        self.guests = {
+            g.id: GuestRecord(g, backends[g.id], limits_from_config(g)) for g in config.guests
+        }
+        self._clock = clock
+        self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()
+        self._dirty = asyncio.Event()
+
+    # --------------------------------------------------------------- sessions
+
+    def open_session(
+        self, guest_id: str, hello: pb.Hello
+    ) -> tuple[GuestRecord, asyncio.Queue[pb.BrokerMessage | None]]:
+        guest = self.guests[guest_id]
+        if guest.outbox is not None:
+            log.warning("guest %s opened a new session; closing the old one", guest_id)
+            guest.outbox.put_nowait(None)
+        outbox: asyncio.Queue[pb.BrokerMessage | None] = asyncio.Queue()
+        guest.outbox = outbox
+        guest.session_id = f"{guest_id}-{next(self._ids)}"
+        self._apply_topology(guest, hello.topology)
+        # The books follow the guest: what it has online is what it holds. A
+        # reclaim in flight before the disconnect is over: its capacity is
+        # either still online (counted) or gone.
+        guest.pending.clear()
+        guest.entitled = guest.online
+        guest.demand = guest.online
+        guest.send(
+            pb.BrokerMessage(
+                welcome=pb.Welcome(
+                    session_id=guest.session_id,
+                    protocol_version=min(hello.protocol_version, 1),
+                    guest_id=guest_id,
+                    limits=limits_to_proto(guest.limits),
+                    report_interval_ms=1000,
+                )
+            )
+        )
+        # Tell the agent what it may hold (it forgets on restart).
+        guest.send(pb.BrokerMessage(grant=self._grant_message(guest, guest.entitled, [], 0)))
+        self.metrics.session(guest_id, connected=True)
+        log.info(
+            "guest %s: session %s, %d cpus and %d MiB online",
+            guest_id,
+            guest.session_id,
+            guest.online.cpus,
+            guest.online.memory >> 20,
+        )
+        self.changed()
+        return guest, outbox
+
+    def close_session(
+        self, guest: GuestRecord, outbox: asyncio.Queue[pb.BrokerMessage | None]
+    ) -> None:
+        if guest.outbox is outbox:
+            guest.outbox = None
+            guest.demand = guest.held  # asks for nothing more while away
+            self.metrics.session(guest.id, connected=False)
+            log.info("guest %s: session %s closed", guest.id, guest.session_id)
+            self.changed()
+
+    def _apply_topology(self, guest: GuestRecord, topology: pb.Topology) -> None:
+        memory = topology.memory
+        if memory.block_size_bytes:
+            guest.block_size = memory.block_size_bytes
+        online_blocks = sum(b.state == pb.BLOCK_STATE_ONLINE for b in memory.blocks)
+        guest.present_cpus = frozenset(topology.cpus.present)
+        guest.present_memory = len(memory.blocks) * guest.block_size
+        guest.online = Amount(len(topology.cpus.online), online_blocks * guest.block_size)
+
+    # --------------------------------------------------------------- messages
+
+    async def on_message(self, guest: GuestRecord, message: pb.GuestMessage) -> None:
+        body = message.WhichOneof("body")
+        if body == "report":
+            guest.last_report = message.report
+            self.metrics.report(guest.id, message.report)
+        elif body == "request":
+            self._on_request(guest, message.request)
+        elif body == "ack":
+            await self._on_ack(guest, message.ack)
+        elif body == "hello":
+            raise ProtocolViolationError("a second hello in one session")
+        else:
+            raise ProtocolViolationError("a message with no known body")
+
+    def _on_request(self, guest: GuestRecord, request: pb.ResourceRequest) -> None:
+        now = self._clock()
+        min_gap = 1.0 / self.config.broker.max_requests_per_second
+        if now - guest.last_request_at < min_gap:
+            self.metrics.failure(guest.id, "rate_limited")
+            log.warning(
+                "guest %s: request %d ignored (over %.0f/s)",
+                guest.id,
+                request.request_id,
+                self.config.broker.max_requests_per_second,
+            )
+            return
+        guest.last_request_at = now
+        limits = guest.limits
+        wanted = Amount(request.cpus, request.memory_bytes // guest.block_size * guest.block_size)
+        demand = Amount(
+            min(max(wanted.cpus, limits.minimum.cpus), limits.burst.cpus),
+            min(max(wanted.memory, limits.minimum.memory), limits.burst.memory),
+        )
+        if demand != wanted:
+            log.info("guest %s: request %d clamped to its limits", guest.id, request.request_id)
+        guest.demand = demand
+        self.metrics.request(guest.id, demand)
+        log.info(
+            "guest %s: request %d for %d cpus, %d MiB (%s; %s)",
+            guest.id,
+            request.request_id,
+            demand.cpus,
+            demand.memory >> 20,
+            pb.Urgency.Name(request.urgency),
+            request.reason,
+        )
+        self.changed()
+
+    async def _on_ack(self, guest: GuestRecord, ack: pb.Ack) -> None:
+        guest.online = Amount(ack.online_cpus, ack.online_memory_bytes)
+        if ack.WhichOneof("answers") != "reclaim_id":
+            self.changed()
+            return
+        pending = guest.pending.get(ack.reclaim_id)
+        if pending is None:
+            log.warning("guest %s: ack for unknown reclaim %d ignored", guest.id, ack.reclaim_id)
+            self.metrics.failure(guest.id, "unknown_ack")
+            return
+        offline_cpus = []
+        offline_blocks = []
+        for item in ack.items:
+            if item.action != pb.ACTION_OFFLINE or item.outcome not in (
+                pb.OUTCOME_DONE,
+                pb.OUTCOME_ALREADY,
+            ):
+                if item.outcome in (pb.OUTCOME_REFUSED, pb.OUTCOME_TIMED_OUT):
+                    self.metrics.failure(guest.id, "offline_refused")
+                continue
+            if (
+                item.kind == pb.RESOURCE_KIND_CPU
+                and item.index in guest.present_cpus
+                and item.index
+            ):
+                offline_cpus.append(item.index)
+            elif item.kind == pb.RESOURCE_KIND_MEMORY_BLOCK:
+                offline_blocks.append(item.index)
+        timeout = max(1.0, pending.deadline - self._clock())
+        try:
+            removed_cpus = (
+                await guest.backend.unplug_cpus(offline_cpus, timeout) if offline_cpus else []
+            )
+            removed_blocks = (
+                await guest.backend.unplug_memory(offline_blocks, guest.block_size, timeout)
+                if offline_blocks
+                else []
+            )
+        except BackendError as err:
+            log.error("guest %s: unplug failed: %s", guest.id, err)
+            self.metrics.failure(guest.id, "unplug_failed")
+            removed_cpus, removed_blocks = [], []
+        guest.present_cpus = guest.present_cpus - set(removed_cpus)
+        guest.present_memory -= len(removed_blocks) * guest.block_size
+        del guest.pending[ack.reclaim_id]
+        if not Amount(ack.online_cpus, ack.online_memory_bytes).fits(pending.target):
+            guest.reclaim_backoff_until = self._clock() + SHORT_RECLAIM_BACKOFF_SECONDS
+        # What did not go offline is still online, and Ack.online says so.
+        guest.entitled = Amount(
+            max(pending.target.cpus, min(guest.entitled.cpus, guest.online.cpus)),
+            max(pending.target.memory, min(guest.entitled.memory, guest.online.memory)),
+        )
+        self.metrics.reclaimed(
+            guest.id, Amount(len(removed_cpus), len(removed_blocks) * guest.block_size)
+        )
+        log.info(
+            "guest %s: reclaim %d acknowledged: unplugged cpus %s and %d blocks; "
+            "%d cpus, %d MiB online%s",
+            guest.id,
+            ack.reclaim_id,
+            removed_cpus or "none",
+            len(removed_blocks),
+            guest.online.cpus,
+            guest.online.memory >> 20,
+            f" ({ack.note})" if ack.note else "",
+        )
+        self.changed()
+
+    # ------------------------------------------------------------ arbitration
+
+    def changed(self) -> None:
+        self._dirty.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Re-arbitrate on every change, and periodically for deadlines."""
+        interval = self.config.broker.arbitrate_interval_seconds
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), interval)
+            self._dirty.clear()
+            if stop.is_set():
+                break
+            try:
+                await self.rebalance()
+            except Exception:
+                log.exception("arbitration failed; guests keep what they hold")
+            self.write_state()
+
+    async def rebalance(self) -> None:
+        async with self._lock:
+            self._expire_reclaims()
+            views = [
+                GuestView(
+                    guest_id=g.id,
+                    limits=g.limits,
+                    held=g.held,
+                    demand=g.demand,
+                    releasing=g.releasing,
+                    connected=g.connected,
+                )
+                for g in self.guests.values()
+            ]
+            plan = arbitrate(self.pool, views, self.config.broker.block_size_bytes)
+            reclaims = dict(plan.reclaims)
+            reasons = dict(plan.reasons)
+            for guest in self.guests.values():
+                # A request below what the guest holds is a release offer: take
+                # it up (the arbiter only reclaims what the pool needs).
+                offer = guest.demand.min_each(guest.held)
+                if guest.connected and offer != guest.held:
+                    target = reclaims.get(guest.id, plan.targets.get(guest.id, guest.held))
+                    reclaims[guest.id] = target.min_each(offer)
+                    reasons.setdefault(guest.id, "the guest offered to release")
+            for guest_id, target in reclaims.items():
+                await self._reclaim(self.guests[guest_id], target, reasons.get(guest_id, ""))
+            for guest_id, target in plan.grants.items():
+                await self._grant(self.guests[guest_id], target, reasons.get(guest_id, ""))
+            self.metrics.pool(self.pool.capacity, self.allocated())
+
+    def allocated(self) -> Amount:
+        total = ZERO
+        for g in self.guests.values():
+            total = total + g.held + g.releasing
+        return total
+
+    def _expire_reclaims(self) -> None:
+        now = self._clock()
+        for guest in self.guests.values():
+            for reclaim_id, pending in list(guest.pending.items()):
+                if now > pending.deadline + _ACK_GRACE_SECONDS:
+                    # No Ack: the guest is stuck or gone. Its capacity stays
+                    # counted (held via online) until a Hello or Ack says otherwise.
+                    log.warning("guest %s: reclaim %d got no answer", guest.id, reclaim_id)
+                    self.metrics.failure(guest.id, "reclaim_timeout")
+                    del guest.pending[reclaim_id]
+                    guest.entitled = guest.online
+
+    async def _grant(self, guest: GuestRecord, target: Amount, reason: str) -> None:
+        if not guest.connected or guest.pending:
+            return
+        new_cpus: list[int] = []
+        try:
+            missing_cpus = target.cpus - len(guest.present_cpus)
+            if missing_cpus > 0:
+                new_cpus = await guest.backend.plug_cpus(missing_cpus)
+                guest.present_cpus = guest.present_cpus | set(new_cpus)
+            missing_memory = target.memory - guest.present_memory
+            if missing_memory > 0:
+                step = guest.config.memory_step_bytes
+                while missing_memory > 0:
+                    added = await guest.backend.plug_memory(min(step, missing_memory))
+                    if added <= 0:
+                        break
+                    guest.present_memory += added
+                    missing_memory -= added
+        except BackendError as err:
+            log.error("guest %s: hot-plug failed: %s", guest.id, err)
+            self.metrics.failure(guest.id, "plug_failed")
+        granted = Amount(
+            min(target.cpus, len(guest.present_cpus)),
+            min(target.memory, guest.present_memory),
+        )
+        if granted.cpus <= guest.entitled.cpus and granted.memory <= guest.entitled.memory:
+            return
+        granted = Amount(
+            max(granted.cpus, guest.entitled.cpus), max(granted.memory, guest.entitled.memory)
+        )
+        guest.entitled = granted
+        message = self._grant_message(guest, granted, new_cpus, 0)
+        guest.send(pb.BrokerMessage(grant=message))
+        self.metrics.granted(guest.id, granted)
+        log.info(
+            "guest %s: grant %d: %d cpus, %d MiB (%s)",
+            guest.id,
+            message.grant_id,
+            granted.cpus,
+            granted.memory >> 20,
+            reason,
+        )
+
+    def _grant_message(
+        self, guest: GuestRecord, amount: Amount, cpu_ids: Sequence[int], request_id: int
+    ) -> pb.Grant:
+        return pb.Grant(
+            grant_id=next(self._ids),
+            request_id=request_id,
+            cpus=amount.cpus,
+            memory_bytes=amount.memory,
+            cpu_ids=cpu_ids,
+        )
+
+    async def _reclaim(self, guest: GuestRecord, target: Amount, reason: str) -> None:
+        if not guest.connected or guest.pending or self._clock() < guest.reclaim_backoff_until:
+            return
+        target = Amount(
+            max(target.cpus, guest.limits.minimum.cpus),
+            max(target.memory, guest.limits.minimum.memory),
+        )
+        held = guest.held
+        releasing = Amount(max(0, held.cpus - target.cpus), max(0, held.memory - target.memory))
+        if releasing == ZERO:
+            return
+        reclaim_id = next(self._ids)
+        deadline_s = guest.config.reclaim_deadline_seconds
+        guest.pending[reclaim_id] = PendingReclaim(
+            reclaim_id, target, releasing, self._clock() + deadline_s
+        )
+        guest.entitled = Amount(
+            min(guest.entitled.cpus, target.cpus), min(guest.entitled.memory, target.memory)
+        )
+        guest.send(
+            pb.BrokerMessage(
+                reclaim=pb.Reclaim(
+                    reclaim_id=reclaim_id,
+                    cpus=target.cpus,
+                    memory_bytes=target.memory,
+                    deadline_ms=int(deadline_s * 1000),
+                )
+            )
+        )
+        self.metrics.reclaim_sent(guest.id)
+        log.info(
+            "guest %s: reclaim %d: down to %d cpus, %d MiB (%s)",
+            guest.id,
+            reclaim_id,
+            target.cpus,
+            target.memory >> 20,
+            reason,
+        )
+
+    # ----------------------------------------------------------------- status
+
+    def status(self) -> dict[str, Any]:
+        def amount(a: Amount) -> dict[str, int]:
+            return {"cpus": a.cpus, "memory_bytes": a.memory}
+
+        return {
+            "pool": {"capacity": amount(self.pool.capacity), "allocated": amount(self.allocated())},
+            "guests": {
+                g.id: {
+                    "connected": g.connected,
+                    "session": g.session_id,
+                    "priority": g.limits.priority,
+                    "limits": {
+                        "minimum": amount(g.limits.minimum),
+                        "maximum": amount(g.limits.maximum),
+                        "burst": amount(g.limits.burst),
+                    },
+                    "granted": amount(g.entitled),
+                    "online": amount(g.online),
+                    "requested": amount(g.demand),
+                    "releasing": amount(g.releasing),
+                    "pending_reclaims": sorted(g.pending),
+                }
+                for g in self.guests.values()
+            },
+        }
+
+    def write_state(self) -> None:
+        path: Path = self.config.broker.state_file
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(json.dumps(self.status(), indent=2))
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("cannot write the state file %s: %s", path, err)

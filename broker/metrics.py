@@ -1,0 +1,127 @@
+"""The broker's Prometheus metrics: per guest and for the pool."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from vmtide.v1 import broker_pb2 as pb
+
+if TYPE_CHECKING:
+    from broker.arbiter import Amount
+
+
+class BrokerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.connected = Gauge(
+            "vmtide_broker_guest_connected",
+            "1 while the guest has a session",
+            ["guest"],
+            registry=registry,
+        )
+        self.granted_cpus = Gauge(
+            "vmtide_broker_guest_granted_cpus",
+            "CPUs the guest may hold",
+            ["guest"],
+            registry=registry,
+        )
+        self.granted_memory = Gauge(
+            "vmtide_broker_guest_granted_memory_bytes",
+            "Memory the guest may hold",
+            ["guest"],
+            registry=registry,
+        )
+        self.requested_cpus = Gauge(
+            "vmtide_broker_guest_requested_cpus",
+            "CPUs the guest last asked for",
+            ["guest"],
+            registry=registry,
+        )
+        self.requested_memory = Gauge(
+            "vmtide_broker_guest_requested_memory_bytes",
+            "Memory the guest last asked for",
+            ["guest"],
+            registry=registry,
+        )
+        self.online_cpus = Gauge(
+            "vmtide_broker_guest_online_cpus",
+            "CPUs online in the guest (its last report)",
+            ["guest"],
+            registry=registry,
+        )
+        self.online_memory = Gauge(
+            "vmtide_broker_guest_online_memory_bytes",
+            "Memory online in the guest (last report)",
+            ["guest"],
+            registry=registry,
+        )
+        self.grants = Counter(
+            "vmtide_broker_grants_total", "Grants sent", ["guest"], registry=registry
+        )
+        self.reclaims = Counter(
+            "vmtide_broker_reclaims_total", "Reclaims sent", ["guest"], registry=registry
+        )
+        self.reclaimed_cpus = Counter(
+            "vmtide_broker_reclaimed_cpus_total",
+            "CPUs unplugged after a reclaim",
+            ["guest"],
+            registry=registry,
+        )
+        self.reclaimed_memory = Counter(
+            "vmtide_broker_reclaimed_memory_bytes_total",
+            "Memory unplugged after a reclaim",
+            ["guest"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "vmtide_broker_failures_total",
+            "Failures by guest and reason (plug_failed, unplug_failed, offline_refused, "
+            "reclaim_timeout, rate_limited, unknown_ack, refused_identity, bad_message)",
+            ["guest", "reason"],
+            registry=registry,
+        )
+        self.pool_capacity = Gauge(
+            "vmtide_broker_pool_capacity",
+            "Pool capacity (cpus: count, memory: bytes)",
+            ["resource"],
+            registry=registry,
+        )
+        self.pool_allocated = Gauge(
+            "vmtide_broker_pool_allocated",
+            "Held plus being released, over all guests",
+            ["resource"],
+            registry=registry,
+        )
+
+    def session(self, guest: str, *, connected: bool) -> None:
+        self.connected.labels(guest).set(1 if connected else 0)
+
+    def report(self, guest: str, report: pb.LoadReport) -> None:
+        self.online_cpus.labels(guest).set(report.online_cpus)
+        self.online_memory.labels(guest).set(report.online_memory_bytes)
+
+    def request(self, guest: str, demand: Amount) -> None:
+        self.requested_cpus.labels(guest).set(demand.cpus)
+        self.requested_memory.labels(guest).set(demand.memory)
+
+    def granted(self, guest: str, amount: Amount) -> None:
+        self.grants.labels(guest).inc()
+        self.granted_cpus.labels(guest).set(amount.cpus)
+        self.granted_memory.labels(guest).set(amount.memory)
+
+    def reclaim_sent(self, guest: str) -> None:
+        self.reclaims.labels(guest).inc()
+
+    def reclaimed(self, guest: str, amount: Amount) -> None:
+        self.reclaimed_cpus.labels(guest).inc(amount.cpus)
+        self.reclaimed_memory.labels(guest).inc(amount.memory)
+
+    def failure(self, guest: str, reason: str) -> None:
+        self.failures.labels(guest, reason).inc()
+
+    def pool(self, capacity: Amount, allocated: Amount) -> None:
+        self.pool_capacity.labels("cpus").set(capacity.cpus)
+        self.pool_capacity.labels("memory_bytes").set(capacity.memory)
+        self.pool_allocated.labels("cpus").set(allocated.cpus)
+        self.pool_allocated.labels("memory_bytes").set(allocated.memory)
