@@ -367,22 +367,29 @@ def _settled(
     currents: Sequence[int],
     stalled: Sequence[bool],
     rising: Sequence[bool],
+    falling: Sequence[bool],
     settle_seconds: float,
 ) -> list[bool]:
     """Which stalls count: avg10 lags, so right after a grow it still shows
-    the stalls the grow answered; only a rising avg10 is news then."""
+    the stalls the grow answered; only a rising avg10 is news then. Later, a
+    falling avg10 is a stall that has eased (avg10 takes ~20 s to decay from a
+    spike): it does not grow the guest either."""
     counted = []
     grew_at: float | None = None
     for i, at in enumerate(ats):
         if i and currents[i] > currents[i - 1]:
             grew_at = at
         settling = grew_at is not None and at - grew_at < settle_seconds
-        counted.append(stalled[i] and (not settling or rising[i]))
+        counted.append(stalled[i] and (rising[i] or not (settling or falling[i])))
     return counted
 
 
 def _rose(now: float | None, before: float | None) -> bool:
     return now is not None and before is not None and now > before
+
+
+def _fell(now: float | None, before: float | None) -> bool:
+    return now is not None and before is not None and now < before
 
 
 def _ceil(x: float) -> int:
@@ -455,6 +462,7 @@ def _cpu_readings(samples: Sequence[Sample], p: CpuParams) -> _Readings:
         [row[1] for row in parsed],
         [row[4] is not None and row[4] >= threshold for row in parsed],
         [i > 0 and _rose(row[4], parsed[i - 1][4]) for i, row in enumerate(parsed)],
+        [i > 0 and _fell(row[4], parsed[i - 1][4]) for i, row in enumerate(parsed)],
         p.psi_settle_seconds,
     )
     rows = []
@@ -528,6 +536,13 @@ def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> 
         [row[1] for row in parsed],
         [stalled(row[4]) for row in parsed],
         [i > 0 and any(map(_rose, row[4], parsed[i - 1][4])) for i, row in enumerate(parsed)],
+        # Eased: both avg10s fell and swap-in (a rate, not an average) is quiet.
+        [
+            i > 0
+            and all(map(_fell, row[4][:2], parsed[i - 1][4][:2]))
+            and not (row[4][2] is not None and row[4][2] >= swap_limit)
+            for i, row in enumerate(parsed)
+        ],
         p.psi_settle_seconds,
     )
     rows = []

@@ -259,6 +259,34 @@ def test_stale_psi_after_a_grow_does_not_grow_again() -> None:
     assert decide_one(samples).cpu.target == 6  # ceil(3.9 / 0.8) + 1
 
 
+def test_decaying_psi_long_after_a_grow_does_not_grow() -> None:
+    # Memory pressure ended 20 s ago; avg10 is still above the threshold but
+    # falling, and MemAvailable is ample: the stall has eased, nothing to add.
+    samples = history(59, memory_total=6 * GiB, memory_available=5 * GiB)
+    samples.append(
+        calm(
+            59.0, memory_total=6 * GiB, memory_available=5 * GiB, memory_some=13.0, memory_full=6.5
+        )
+    )
+    for t, psi in enumerate([12.0, 10.0, 8.5, 7.2, 6.1], start=60):
+        samples.append(
+            calm(
+                float(t),
+                memory_total=6 * GiB,
+                memory_available=5 * GiB,
+                memory_some=psi,
+                memory_full=psi / 2,
+            )
+        )
+        decision = decide_one(samples).memory
+        assert decision.direction != "grow", decision.reason
+    # The same level, rising again, is news.
+    samples.append(
+        calm(65.0, memory_total=6 * GiB, memory_available=5 * GiB, memory_some=7.0, memory_full=3.5)
+    )
+    assert decide_one(samples).memory.direction == "grow"
+
+
 def test_moderate_psi_holds_a_shrink() -> None:
     samples = history(300, online_cpus=4, cpu_busy=1.0, cpu_some=6.0)
     decision = decide_one(samples).cpu
