@@ -42,7 +42,7 @@ test-fast: $(STAMP)
 # The main job: a simulated guest (fake sysfs) whose CPUs and memory follow a
 # load pattern, with the agent and the broker talking gRPC.
 demo: $(STAMP)
-	$(PY) -m demo
+	$(PY) -m vmtide.demo
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
