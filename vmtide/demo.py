@@ -51,8 +51,8 @@ PHASES = (
 
 AGENT_CONFIG = """\
 [agent]
-guest_id = "demo"
-sensing_interval_seconds = 0.5
+guest_id = "{guest_id}"
+sensing_interval_seconds = {interval}
 rescan_interval_seconds = 2.0
 sysfs_root = "{root}/sys"
 procfs_root = "{root}/proc"
@@ -60,17 +60,17 @@ simulated_kernel = true
 lock_memory = false
 
 [broker]
-target = "unix:{sock}"
+target = "{target}"
 reconnect_min_seconds = 0.2
 reconnect_max_seconds = 2.0
 
 [limits.cpus]
 minimum = 1
-maximum = 4
+maximum = {max_cpus}
 
 [limits.memory]
 minimum_bytes = "1GiB"
-maximum_bytes = "3GiB"
+maximum_bytes = "{max_memory}"
 
 # Short windows so the demo shows shrinking within a minute; the defaults
 # (docs/policy.md) wait minutes, as a production guest should.
@@ -89,6 +89,28 @@ headroom_percent = 5.0
 [metrics]
 enabled = false
 """
+
+
+def simulated_agent_config(
+    root: Path,
+    target: str,
+    guest_id: str = "demo",
+    *,
+    shrink_window_seconds: float = 10.0,
+    interval: float = 0.5,
+    max_cpus: int = 4,
+    max_memory: str = "3GiB",
+) -> str:
+    """An agent.toml for the real agent on a simulated guest, with short windows."""
+    return AGENT_CONFIG.format(
+        root=root,
+        target=target,
+        guest_id=guest_id,
+        window=shrink_window_seconds,
+        interval=interval,
+        max_cpus=max_cpus,
+        max_memory=max_memory,
+    )
 
 
 def bar(value: float, full: float, width: int = 24) -> str:
@@ -149,7 +171,9 @@ async def run_demo(workdir: Path, speed: float, screen: Screen) -> int:
         ),
     )
     agent_toml = workdir / "agent.toml"
-    agent_toml.write_text(AGENT_CONFIG.format(root=root, sock=sock, window=max(4.0, 10.0 / speed)))
+    agent_toml.write_text(
+        simulated_agent_config(root, f"unix:{sock}", shrink_window_seconds=max(4.0, 10.0 / speed))
+    )
     log_path = workdir / "agent.log"
     stop = asyncio.Event()
     broker_task = asyncio.create_task(serve(config, stop))

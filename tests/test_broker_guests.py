@@ -1,0 +1,198 @@
+"""The broker with the simulated backend and several real agent processes:
+priorities, minimums, reclaim acknowledged item by item, refusals, and a guest
+that disappears in the middle of a reclaim."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from simulation import broker_config, broker_serve, running, until
+
+from broker.config import CpuLimits, GuestConfig, MemoryLimits
+from vmtide.demo import simulated_agent_config
+from vmtide.fakesys import FakeGuest, Load
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+
+class Guest:
+    """A simulated guest with the real agent running in its own process."""
+
+    def __init__(self, tmp: Path, name: str, priority: int) -> None:
+        self.name = name
+        self.tmp = tmp
+        self.fake = FakeGuest(tmp / name, possible_cpus=4, boot_cpus=1, boot_blocks=8)
+        self.sock = tmp / f"{name}.sock"
+        self.config = GuestConfig(
+            id=name,
+            listen=f"unix:{self.sock}",
+            priority=priority,
+            backend="simulated",
+            simulated_root=self.fake.root,
+            cpus=CpuLimits(minimum=1, maximum=4),
+            memory=MemoryLimits(minimum_bytes=1 * GiB, maximum_bytes=2 * GiB),
+            reclaim_deadline_seconds=3.0,
+        )
+        self.toml = tmp / f"{name}.toml"
+        self.toml.write_text(
+            simulated_agent_config(
+                self.fake.root,
+                f"unix:{self.sock}",
+                name,
+                shrink_window_seconds=3.0,
+                interval=0.2,
+                max_memory="2GiB",
+            )
+        )
+        self.log = tmp / f"{name}.log"
+        self.load = Load(cpus=0.3, memory_bytes=300 * MiB)
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("a") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "agent.cli", "run", "--config", str(self.toml)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(10)
+        self.process = None
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self.process = None
+
+    def cpus(self) -> int:
+        return len(self.fake.online_cpus())
+
+
+@pytest.fixture
+def guests(tmp_path: Path) -> Iterator[dict[str, Guest]]:
+    made = {"high": Guest(tmp_path, "high", 10), "low": Guest(tmp_path, "low", 0)}
+    try:
+        yield made
+    finally:
+        for guest in made.values():
+            guest.stop()
+        for guest in made.values():
+            print(f"--- {guest.name} agent log (tail)\n" + guest.log.read_text()[-4000:])
+
+
+async def drive(guests: dict[str, Guest], stop: asyncio.Event) -> None:
+    """Advance every simulated guest's clock under its current load."""
+    loop = asyncio.get_running_loop()
+    last = loop.time()
+    while not stop.is_set():
+        await asyncio.sleep(0.1)
+        now = loop.time()
+        for guest in guests.values():
+            guest.fake.tick(now - last, guest.load)
+        last = now
+
+
+def broker_state(tmp: Path) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads((tmp / "broker.json").read_text())
+    return state
+
+
+async def test_priority_wins_and_the_low_guest_is_reclaimed_to_its_minimum(
+    tmp_path: Path, guests: dict[str, Guest]
+) -> None:
+    high, low = guests["high"], guests["low"]
+    # Four CPUs for both guests: their minimums take two, two are surplus.
+    config = broker_config(tmp_path, [high.config, low.config], cpus=4, memory=4 * GiB)
+
+    async def agents(stop: asyncio.Event) -> None:
+        await drive(guests, stop)
+
+    async with running(await broker_serve(config), agents):
+        await until((tmp_path / "broker.json").exists, 10, "the broker to start")
+        high.start()
+        low.start()
+        await until(
+            lambda: all(g["connected"] for g in broker_state(tmp_path)["guests"].values()),
+            20,
+            "both agents connected",
+        )
+        # The low-priority guest is busy first and takes the surplus.
+        low.load = Load(cpus=3.5, memory_bytes=300 * MiB)
+        await until(lambda: low.cpus() == 3, 20, "low grows into the idle surplus")
+        # Then the high-priority guest needs it: low is reclaimed to its minimum.
+        high.load = Load(cpus=3.5, memory_bytes=300 * MiB)
+        await until(lambda: high.cpus() == 3, 30, "high gets the surplus")
+        assert low.cpus() == 1
+        # Exactly what low offlined was unplugged, nothing more.
+        await until(lambda: low.fake.present_cpus() == {0}, 10, "low's cpus unplugged")
+        state = broker_state(tmp_path)
+        assert state["pool"]["allocated"]["cpus"] <= 4
+        assert (
+            state["guests"]["low"]["requested"]["cpus"] > state["guests"]["low"]["granted"]["cpus"]
+        )
+        # When high calms down, low gets the surplus back.
+        high.load = Load(cpus=0.3, memory_bytes=300 * MiB)
+        await until(lambda: low.cpus() == 3, 40, "low grows again")
+        assert high.cpus() == 1
+
+
+async def test_guest_killed_mid_reclaim_keeps_its_capacity_counted(
+    tmp_path: Path, guests: dict[str, Guest]
+) -> None:
+    high, low = guests["high"], guests["low"]
+    config = broker_config(tmp_path, [high.config, low.config], cpus=4, memory=4 * GiB)
+
+    async def agents(stop: asyncio.Event) -> None:
+        await drive(guests, stop)
+
+    async with running(await broker_serve(config), agents):
+        await until((tmp_path / "broker.json").exists, 10, "the broker to start")
+        high.start()
+        low.start()
+        low.load = Load(cpus=3.5, memory_bytes=300 * MiB)
+        await until(lambda: low.cpus() == 3, 30, "low holds three cpus")
+        # Low's next offline of cpu2 hangs in the kernel; then low dies.
+        low.fake.set_faults([{"kind": "cpu", "index": 2, "effect": "hang", "seconds": 60}])
+        high.load = Load(cpus=3.5, memory_bytes=300 * MiB)
+        await until(
+            lambda: "reclaim" in low.log.read_text() and "come down" in low.log.read_text(),
+            30,
+            "low receives a reclaim",
+        )
+        low.kill()
+        await until(
+            lambda: not broker_state(tmp_path)["guests"]["low"]["connected"], 10, "low gone"
+        )
+        # What low still has online is still counted: high cannot have it.
+        for _ in range(20):
+            await asyncio.sleep(0.2)
+            state = broker_state(tmp_path)
+            assert high.cpus() + low.cpus() <= 4
+            assert state["pool"]["allocated"]["cpus"] <= 4
+        # Low comes back: its Hello tells the truth and the books reconverge.
+        low.fake.set_faults([])
+        low.load = Load(cpus=0.3, memory_bytes=300 * MiB)
+        low.start()
+        await until(lambda: high.cpus() == 3 and low.cpus() == 1, 40, "reconverged")
+        await until(
+            lambda: broker_state(tmp_path)["guests"]["low"]["online"]["cpus"] == 1,
+            10,
+            "the broker's books match low",
+        )
+        assert low.fake.present_cpus() == {0} or low.cpus() == 1
