@@ -5,6 +5,7 @@ exactly the items the guest freed."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 from pathlib import Path
@@ -119,3 +120,44 @@ async def test_memory_follows_load_and_refusals_are_reported(
     refused = agent.metrics.operations.labels("memory_block", "offline", "refused")._value.get()
     assert refused >= 1
     assert guest.online_memory_bytes() >= 1 * GiB  # never below the minimum
+
+
+async def test_a_guest_claiming_another_identity_is_refused(
+    tmp_path: Path, guest: FakeGuest
+) -> None:
+    config = broker_config(tmp_path, [guest_config(tmp_path, guest)], cpus=4, memory=4 * GiB)
+    impostor = make_agent(agent_config(guest, "someone-else", f"unix:{tmp_path}/g1.sock"))
+    async with running(await broker_serve(config), impostor.run):
+        await until((tmp_path / "broker.json").exists, 10, "the broker to start")
+        await until(
+            lambda: impostor.link is not None and impostor.link.reconnects >= 2, 10, "retries"
+        )
+        assert not impostor.link.connected
+        assert not state(tmp_path)["connected"]
+
+
+async def test_broker_restart_reconverges_without_losing_grants(
+    tmp_path: Path, guest: FakeGuest
+) -> None:
+    config = broker_config(tmp_path, [guest_config(tmp_path, guest)], cpus=4, memory=4 * GiB)
+    agent = make_agent(agent_config(guest, "g1", f"unix:{tmp_path}/g1.sock"))
+    driver = LoadDriver(guest, Load(cpus=2.5, memory_bytes=256 * MiB))
+    async with running(driver.run, agent.run):
+        # The broker is down when the agent starts: the guest keeps its size.
+        await asyncio.sleep(0.5)
+        assert guest.online_cpus() == {0} and not agent.link.connected  # type: ignore[union-attr]
+        async with running(await broker_serve(config)):
+            await until(lambda: len(guest.online_cpus()) >= 3, 20, "cpus granted")
+        # Broker gone: nothing is given back on a disconnect.
+        await until(lambda: not agent.link.connected, 5, "the agent notices")  # type: ignore[union-attr]
+        held = guest.online_cpus()
+        assert len(held) >= 3
+        async with running(await broker_serve(config)):
+            await until(lambda: state(tmp_path)["connected"], 10, "reconnected")
+            await until(
+                lambda: state(tmp_path)["online"]["cpus"] == len(guest.online_cpus()),
+                10,
+                "the new broker's books match the guest",
+            )
+            assert guest.online_cpus() == held
+            assert state(tmp_path)["granted"]["cpus"] == len(held)

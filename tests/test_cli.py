@@ -1,0 +1,96 @@
+"""The command-line tools as an operator runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, generate_latest
+from simulation import agent_config, make_agent
+
+from vmtide import __version__
+from vmtide.fakesys import FakeGuest, Load
+
+MiB = 1 << 20
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_versions() -> None:
+    assert run("agent.cli", "--version").stdout.strip() == f"vmtide-agent {__version__}"
+    assert run("broker.cli", "--version").stdout.strip() == f"vmtide-broker {__version__}"
+
+
+def test_status_on_a_simulated_guest(tmp_path: Path) -> None:
+    guest = FakeGuest(tmp_path / "g", possible_cpus=4, boot_cpus=1, boot_blocks=8)
+    guest.plug_cpu(1)
+    guest.plug_blocks(2)
+    guest.tick(1.0, Load(cpus=0.5, memory_bytes=300 * MiB))
+    roots = [
+        "--sysfs-root",
+        str(guest.sysfs),
+        "--procfs-root",
+        str(guest.procfs),
+        "--config",
+        str(tmp_path / "none.toml"),
+    ]
+    (tmp_path / "none.toml").write_text("")
+    result = run("agent.cli", "status", "--json", *roots)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert status["cpus"]["online"] == 1 and status["cpus"]["standby"] == [1]
+    assert status["memory"]["online_bytes"] == 1024 * MiB
+    assert status["memory"]["standby_blocks"] == [8, 9]
+    assert status["memory"]["block_size_bytes"] == 128 * MiB
+    assert "target" in status["cpus"]["would"]
+    text = run("agent.cli", "status", *roots)
+    assert text.returncode == 0, text.stderr
+    assert "1 online of 2 present, 4 possible; standby [1]" in text.stdout
+
+
+def test_status_names_an_unreadable_tree(tmp_path: Path) -> None:
+    (tmp_path / "none.toml").write_text("")
+    result = run(
+        "agent.cli",
+        "status",
+        "--sysfs-root",
+        str(tmp_path / "missing"),
+        "--config",
+        str(tmp_path / "none.toml"),
+    )
+    assert result.returncode == 1
+    assert "cannot read the topology" in result.stderr and "missing" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_run_with_a_bad_config_exits_78(tmp_path: Path) -> None:
+    bad = tmp_path / "agent.toml"
+    bad.write_text("[limits.cpus]\nminimum = 'two'\n")
+    result = run("agent.cli", "run", "--config", str(bad))
+    assert result.returncode == 78
+    assert f"{bad}: limits.cpus.minimum: expected an integer" in result.stderr
+    broker = run("broker.cli", "run", "--config", str(bad))
+    assert broker.returncode == 78 and "unknown key" in broker.stderr
+
+
+async def test_metrics_after_a_cycle(tmp_path: Path) -> None:
+    guest = FakeGuest(tmp_path / "g", possible_cpus=4, boot_cpus=2, boot_blocks=8)
+    guest.plug_blocks(1)
+    registry = CollectorRegistry()
+    agent = make_agent(agent_config(guest, "g", "unix:/nonexistent"), registry)
+    guest.tick(1.0, Load(cpus=0.5, memory_bytes=300 * MiB))
+    await agent.sense_and_decide()
+    text = generate_latest(registry).decode()
+    assert 'vmtide_agent_cpus{state="online"} 2.0' in text
+    assert 'vmtide_agent_cpus{state="possible"} 4.0' in text
+    assert 'vmtide_agent_memory_bytes{state="online",zone="kernel"} 1.073741824e+09' in text
+    assert 'vmtide_agent_memory_bytes{state="standby",zone=""} 1.34217728e+08' in text
+    assert 'vmtide_agent_decisions_total{direction="hold",resource="cpus"} 1.0' in text
+    assert 'vmtide_agent_sensing_cycles_total{result="ok"}' in text
+    assert "vmtide_agent_broker_connected 0.0" in text
