@@ -129,10 +129,10 @@ async def test_a_guest_claiming_another_identity_is_refused(
     impostor = make_agent(agent_config(guest, "someone-else", f"unix:{tmp_path}/g1.sock"))
     async with running(await broker_serve(config), impostor.run):
         await until((tmp_path / "broker.json").exists, 10, "the broker to start")
-        await until(
-            lambda: impostor.link is not None and impostor.link.reconnects >= 2, 10, "retries"
-        )
-        assert not impostor.link.connected
+        link = impostor.link
+        assert link is not None
+        await until(lambda: link.reconnects >= 2, 10, "retries")
+        assert not link.connected
         assert not state(tmp_path)["connected"]
 
 
