@@ -209,6 +209,9 @@ class Broker:
         body = message.WhichOneof("body")
         if body == "report":
             guest.last_report = message.report
+            # The guest's kernel is the truth; a report also catches onlining
+            # no Ack told of (a distribution's udev rule, a rescan).
+            guest.online = Amount(message.report.online_cpus, message.report.online_memory_bytes)
             self.metrics.report(guest.id, message.report)
         elif body == "request":
             self._on_request(guest, message.request)

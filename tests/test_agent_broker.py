@@ -159,5 +159,15 @@ async def test_broker_restart_reconverges_without_losing_grants(
                 10,
                 "the new broker's books match the guest",
             )
-            assert guest.online_cpus() == held
-            assert state(tmp_path)["granted"]["cpus"] == len(held)
+            # Nothing granted before the restart was lost or counted twice.
+            assert guest.online_cpus() >= held
+            await until(
+                lambda: (
+                    state(tmp_path)["granted"]["cpus"]
+                    == state(tmp_path)["online"]["cpus"]
+                    == len(guest.online_cpus())
+                ),
+                10,
+                "granted equals what the guest holds",
+            )
+            assert len(guest.online_cpus()) <= 4
