@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv proto check-proto lint typecheck test test-fast demo clean
+.PHONY: all venv proto check-proto lint typecheck test test-fast test-vm vm-image demo clean
 
 all: test
 
@@ -38,6 +38,13 @@ test: check-proto lint typecheck
 
 test-fast: $(STAMP)
 	$(VENV)/bin/pytest -q -x
+
+# The real-VM guest image (kernel and initramfs, cached in .cache/vm) and its tests.
+vm-image: $(STAMP)
+	$(PY) tests/vm/build_image.py
+
+test-vm: $(STAMP)
+	$(VENV)/bin/pytest -q -m vm
 
 # The main job: a simulated guest (fake sysfs) whose CPUs and memory follow a
 # load pattern, with the agent and the broker talking gRPC.

@@ -21,9 +21,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [
-                sys.executable, "-m", "grpc_tools.protoc", "-Iproto",
-                f"--python_out={tmp}", f"--grpc_python_out={tmp}",
-                f"--mypy_out={tmp}", f"--mypy_grpc_out={tmp}", *PROTOS,
+                sys.executable,
+                "-m",
+                "grpc_tools.protoc",
+                "-Iproto",
+                f"--python_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                f"--mypy_out={tmp}",
+                f"--mypy_grpc_out={tmp}",
+                *PROTOS,
             ],
             cwd=ROOT,
             check=True,
@@ -31,8 +37,12 @@ def main() -> int:
         fresh = Path(tmp) / GENERATED
         committed = ROOT / GENERATED
         names = sorted(p.name for p in fresh.iterdir())
-        stale = [n for n in names if not (committed / n).exists()
-                 or not filecmp.cmp(fresh / n, committed / n, shallow=False)]
+        stale = [
+            n
+            for n in names
+            if not (committed / n).exists()
+            or not filecmp.cmp(fresh / n, committed / n, shallow=False)
+        ]
         if stale:
             print(f"stale generated stubs in {GENERATED}: {', '.join(stale)}", file=sys.stderr)
             print("run `make proto` and commit the result", file=sys.stderr)
