@@ -93,6 +93,8 @@ _PERIPHERAL = "/machine/peripheral"
 _OBJECTS = "/objects"
 
 _UNPLUG_EVENTS = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR")
+# How often to look at QEMU's inventory while an unplug finishes.
+_INVENTORY_POLL_SECONDS = 0.05
 
 
 class MemoryMechanism(enum.StrEnum):
@@ -641,6 +643,15 @@ class QmpBackend:
                 )
             # device_del takes a QOM path as well as an id; so do the events.
             removed = await self._delete_devices({by_index[cpu]: cpu for cpu in wanted}, deadline)
+            # Trust QEMU's inventory over the events: a CPU is removed once
+            # query-cpus-fast no longer lists it (a moment after its child's event).
+            loop = asyncio.get_running_loop()
+            while True:
+                still = set((await self._query("query-cpus-fast", parse_cpu_indexes)).values())
+                if not still & set(removed) or loop.time() >= deadline:
+                    break
+                await asyncio.sleep(_INVENTORY_POLL_SECONDS)
+            removed = [cpu for cpu in removed if cpu not in still]
             log.info(
                 "guest %s: CPUs %s removed, %s still plugged",
                 self._guest,
@@ -656,7 +667,14 @@ class QmpBackend:
 
         async def on_event(event: Message) -> None:
             path = _obj(event.get("data"), "event data").get("path")
-            if not isinstance(path, str) or path not in pending:
+            if not isinstance(path, str):
+                return
+            # QEMU 7.2 announces a vCPU's removal only by its child's
+            # DEVICE_DELETED (".../vmtide-cpu1/lapic"), never the CPU's own
+            # (seen under TCG with a 6.1 guest): a child going means the device
+            # is being unrealized. unplug_cpus confirms with query-cpus-fast.
+            path = next((p for p in pending if path == p or path.startswith(p + "/")), "")
+            if not path:
                 return
             pending.discard(path)
             if event["event"] == "DEVICE_DELETED":
