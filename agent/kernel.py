@@ -276,11 +276,17 @@ class Kernel:
             try:
                 text = state_file.read_text().strip()
             except FileNotFoundError:
+                if not state_file.parent.exists():
+                    continue  # ejected since `present` was read
                 # cpu0 (and CPUs the firmware marks non-removable) have no
                 # `online` file; they are online for as long as the kernel runs.
                 result.append(Cpu(cpu_id, online=cpu_id in online, hotpluggable=False))
                 continue
             except OSError as err:
+                if err.errno == errno.ENODEV:
+                    # Being ejected: the ACPI handler has unregistered the
+                    # device but not yet removed its directory (seen on 6.1).
+                    continue
                 raise KernelReadError(state_file, err.strerror or str(err)) from err
             result.append(Cpu(cpu_id, online=text == "1", hotpluggable=True))
         return result
@@ -323,6 +329,8 @@ class Kernel:
         except FileNotFoundError:
             return None
         except OSError as err:
+            if err.errno == errno.ENODEV:
+                return None  # being removed (virtio-mem unplug, DIMM eject)
             raise KernelReadError(block_dir, err.strerror or str(err)) from err
         try:
             state = BlockState(state_text)

@@ -253,3 +253,14 @@ def test_real_memory_reads() -> None:
     assert all(b.zones for b in blocks if b.online)
     assert kernel.auto_online_blocks() in {"offline", "online", "online_kernel", "online_movable"}
     assert kernel.kernel_cmdline() == Path("/proc/cmdline").read_text().strip()
+
+
+def test_cpu_ejected_between_listing_and_reading_is_skipped(
+    kernel: Kernel, guest: FakeGuest
+) -> None:
+    # `present` still lists cpu2, but its directory is gone (ACPI eject).
+    cpu2 = guest.sysfs / "devices/system/cpu/cpu2"
+    for child in cpu2.iterdir():
+        child.unlink()
+    cpu2.rmdir()
+    assert [c.id for c in kernel.cpus()] == [0, 1]
