@@ -23,13 +23,14 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from agent import policy
 from agent.actuator import Actuator
 from agent.config import AgentConfig
-from agent.kernel import Action, ItemResult, Kind, Outcome
+from agent.kernel import Action, ItemResult, KernelReadError, Kind, Outcome
 from agent.metrics import AgentMetrics
 from agent.sensing import PressureWatch, Reading, Sensor
 from agent.session import BrokerLink
@@ -230,12 +231,26 @@ class Agent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.agent.rescan_interval_seconds)
             if not stop.is_set():
-                await self.reconcile("rescan")
+                await self._contained("rescan", self.reconcile("rescan"))
 
     async def _uevent_loop(self, stop: asyncio.Event) -> None:
         assert self.uevents is not None
         async for event in self.uevents.events(stop):
-            await self.on_uevent(event)
+            await self._contained(f"uevent {event}", self.on_uevent(event))
+
+    async def _contained(self, what: str, work: Coroutine[Any, Any, None]) -> None:
+        """Run one unit of work; a failure is logged and the daemon goes on.
+
+        sysfs changes under the agent's feet (a CPU ejected mid-read answers
+        ENODEV): that is logged in one line, and the next rescan sees the
+        settled state. Anything else is a bug and gets its traceback.
+        """
+        try:
+            await work
+        except KernelReadError as err:
+            log.warning("%s: %s; will look again at the next rescan", what, err)
+        except Exception:
+            log.exception("%s failed; the guest keeps its current size", what)
 
     # --------------------------------------------------------------- sensing
 
@@ -533,6 +548,11 @@ class Agent:
             self._last_request = None
 
     async def on_broker_message(self, message: pb.BrokerMessage) -> None:
+        await self._contained(
+            f"broker message {message.WhichOneof('body')}", self._on_broker_message(message)
+        )
+
+    async def _on_broker_message(self, message: pb.BrokerMessage) -> None:
         body = message.WhichOneof("body")
         if body == "welcome":
             welcome = message.welcome

@@ -184,3 +184,17 @@ async def test_limits_update_tightens_the_ceiling(guest: FakeGuest) -> None:
     await agent.on_broker_message(update)
     assert (agent.limits.cpus.maximum, agent.limits.cpus.burst) == (2, 2)
     assert agent.limits.cpus.minimum == 1
+
+
+async def test_a_failing_rescan_is_logged_and_survived(
+    guest: FakeGuest, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent, _ = build(guest)
+    size = guest.sysfs / "devices/system/memory/block_size_bytes"
+    size.write_text("zz\n")
+    await agent._contained("rescan", agent.reconcile("rescan"))
+    assert "rescan: " in caplog.text and "block_size_bytes" in caplog.text
+    assert "Traceback" not in caplog.text
+    size.write_text("8000000\n")
+    await agent.on_broker_message(grant(1, 2, 1 * GiB))
+    assert guest.online_cpus() == {0, 1}
