@@ -173,10 +173,7 @@ class Agent:
         self._last_request: tuple[int, int, float] | None = None  # cpus, bytes, when
         self._grow_started: dict[str, float] = {}
         self._last_grant_id = 0
-        self._known_standby = (
-            frozenset(self.topo.standby_cpus),
-            frozenset(self.topo.standby_blocks),
-        )
+        self._known_standby = self.topo.standby
         factory = link_factory or (
             lambda agent: BrokerLink(
                 agent.config.broker, agent.hello, agent.on_broker_message, agent.on_link_state
@@ -437,10 +434,7 @@ class Agent:
 
     async def _after_act(self, why: str, results: Sequence[ItemResult]) -> None:
         self.topo = await asyncio.to_thread(self.actuator.topology)
-        self._known_standby = (
-            frozenset(self.topo.standby_cpus),
-            frozenset(self.topo.standby_blocks),
-        )
+        self._known_standby = self.topo.standby
         self.limits = effective_limits(self.config, self.topo, self.broker_limits)
         now = time.monotonic()
         for item in results:
@@ -488,10 +482,7 @@ class Agent:
         elif not connected:
             await self._online_hot_added(why)
         else:
-            self._known_standby = (
-                frozenset(self.topo.standby_cpus),
-                frozenset(self.topo.standby_blocks),
-            )
+            self._known_standby = self.topo.standby
 
     async def _online_hot_added(self, why: str) -> None:
         """Without a broker, online what the host added since we last looked."""
@@ -556,6 +547,8 @@ class Agent:
         body = message.WhichOneof("body")
         if body == "welcome":
             welcome = message.welcome
+            # Ids are unique within a session; a restarted broker counts anew.
+            self._seen_ids.clear()
             self._set_broker_limits(welcome.limits if welcome.HasField("limits") else None)
             await self.reconcile("reconnect")
         elif body == "grant":

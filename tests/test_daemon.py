@@ -198,3 +198,14 @@ async def test_a_failing_rescan_is_logged_and_survived(
     size.write_text("8000000\n")
     await agent.on_broker_message(grant(1, 2, 1 * GiB))
     assert guest.online_cpus() == {0, 1}
+
+
+async def test_grant_ids_are_fresh_in_a_new_session(guest: FakeGuest) -> None:
+    # A restarted broker numbers its grants from scratch: the same id in a
+    # new session is a new grant, not a duplicate.
+    agent, _ = build(guest)
+    await agent.on_broker_message(grant(2, 1, 1 * GiB))
+    welcome = pb.BrokerMessage(welcome=pb.Welcome(session_id="s2", guest_id="g"))
+    await agent.on_broker_message(welcome)
+    await agent.on_broker_message(grant(2, 3, 1 * GiB))
+    assert guest.online_cpus() == {0, 1, 2}
