@@ -50,6 +50,11 @@ class Topology:
         return tuple(b.index for b in self.blocks if b.state is BlockState.OFFLINE)
 
     @property
+    def standby(self) -> tuple[frozenset[int], frozenset[int]]:
+        """Standby CPUs and blocks as sets, to tell later hot-adds apart."""
+        return frozenset(self.standby_cpus), frozenset(self.standby_blocks)
+
+    @property
     def max_memory_bytes(self) -> int:
         """Everything the guest lists now; hot-plug may add more later."""
         return len(self.blocks) * self.block_size
