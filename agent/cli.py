@@ -23,6 +23,7 @@ from agent.kernel import Kernel, KernelReadError
 from agent.sensing import Sensor
 from agent.topology import Topology
 from vmtide import __version__
+from vmtide.logs import setup_logging
 
 log = logging.getLogger("vmtide.agent")
 
@@ -139,13 +140,7 @@ def _check_config(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        # journald adds its own timestamps.
-        format="%(levelname)s %(name)s: %(message)s"
-        if os.environ.get("JOURNAL_STREAM")
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     try:
         config = _load_config(args)
         if args.broker or args.no_broker:
@@ -200,13 +195,23 @@ async def _serve(config: AgentConfig) -> int:
     actuator = Actuator(kernel, config.memory.online_type, config.memory.offline_timeout_seconds)
     registry = CollectorRegistry()
     holder: list[Agent] = []
-    metrics = AgentMetrics(registry, topology=lambda: holder[0].topo if holder else None)
-    pressure = PressureWatch(
-        config.agent.procfs_root,
-        stall_us=config.agent.psi_trigger_stall_us,
-        window_us=config.agent.psi_trigger_window_us,
+    metrics = AgentMetrics(
+        registry,
+        topology=lambda: holder[0].topo if holder else None,
+        broker=config.broker.enabled,
     )
     real_kernel = not config.agent.simulated_kernel and config.agent.sysfs_root == Path("/sys")
+    # A simulated guest's pressure files are plain files: a trigger written
+    # there would corrupt them, and they never signal.
+    pressure = (
+        None
+        if config.agent.simulated_kernel
+        else PressureWatch(
+            config.agent.procfs_root,
+            stall_us=config.agent.psi_trigger_stall_us,
+            window_us=config.agent.psi_trigger_window_us,
+        )
+    )
     notifier = SystemdNotifier()
     agent = Agent(
         config,
@@ -222,7 +227,7 @@ async def _serve(config: AgentConfig) -> int:
     if real_kernel:
         for rule in find_onlining_rules():
             log.info("udev rule %s onlines hot-added resources; vmtide works alongside it", rule)
-    if config.metrics.enabled:
+    if config.metrics.enabled and config.metrics.port:
         start_http_server(config.metrics.port, config.metrics.address, registry=registry)
         log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)
     stop = asyncio.Event()
@@ -241,7 +246,8 @@ async def _serve(config: AgentConfig) -> int:
     try:
         await agent.run(stop)
     finally:
-        pressure.close()
+        if pressure is not None:
+            pressure.close()
         notifier("STOPPING=1")
         notifier.close()
     return 0

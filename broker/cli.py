@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 import time
@@ -17,6 +16,7 @@ from broker import config as broker_config
 from broker.backend import Backend, BackendError
 from broker.config import BrokerConfig, ConfigError, GuestConfig
 from vmtide import __version__
+from vmtide.logs import setup_logging
 
 log = logging.getLogger("vmtide.broker")
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG; the unit does not restart on it
@@ -77,12 +77,7 @@ async def make_backend(guest: GuestConfig) -> Backend:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        level=args.log_level,
-        format="%(levelname)s %(name)s: %(message)s"
-        if os.environ.get("JOURNAL_STREAM")
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_level)
     try:
         config = broker_config.load(args.config)
     except ConfigError as err:
