@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from agent.kernel import ItemResult
+from agent.kernel import Action, ItemResult, Kind, Outcome
 
 if TYPE_CHECKING:
     from agent.policy import Decisions
@@ -77,6 +77,8 @@ class AgentMetrics:
         self,
         registry: CollectorRegistry,
         topology: Callable[[], Topology | None] = lambda: None,
+        *,
+        broker: bool = True,
     ) -> None:
         registry.register(TopologyCollector(topology))
         self.pressure = Gauge(
@@ -116,11 +118,18 @@ class AgentMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=registry,
         )
+        # Without a broker (standalone agent) the connection metrics are absent,
+        # so "broker unreachable" alerts cannot mistake one for the other.
+        broker_registry = registry if broker else None
         self.connected = Gauge(
-            "vmtide_agent_broker_connected", "1 while a broker session is open", registry=registry
+            "vmtide_agent_broker_connected",
+            "1 while a broker session is open",
+            registry=broker_registry,
         )
         self.connects = Counter(
-            "vmtide_agent_broker_sessions_total", "Broker sessions opened", registry=registry
+            "vmtide_agent_broker_sessions_total",
+            "Broker sessions opened",
+            registry=broker_registry,
         )
         self.cycles = Counter(
             "vmtide_agent_sensing_cycles_total",
@@ -128,8 +137,16 @@ class AgentMetrics:
             ["result"],
             registry=registry,
         )
+        # Every series starts at zero, so rate() sees the first event too.
         for result in ("ok", "error"):
             self.cycles.labels(result)
+        for resource in ("cpus", "memory"):
+            for direction in ("grow", "shrink", "hold"):
+                self.decisions.labels(resource, direction)
+        for kind in Kind:
+            for action in Action:
+                for outcome in Outcome:
+                    self.operations.labels(kind.value, action.value, outcome.value)
 
     def observe_reading(self, reading: Reading) -> None:
         for resource, kind, value in (

@@ -137,7 +137,11 @@ class Broker:
             g.id: GuestRecord(g, backends[g.id], limits_from_config(g)) for g in config.guests
         }
         self._clock = clock
-        self._ids = itertools.count(1)
+        for guest_id in self.guests:
+            metrics.add_guest(guest_id)
+        # Grant, reclaim and session ids: unique across restarts too, so that
+        # logs on both sides never mix two brokers' messages up.
+        self._ids = itertools.count(int(time.time() * 1000))
         self._lock = asyncio.Lock()
         self._dirty = asyncio.Event()
 
@@ -244,7 +248,6 @@ class Broker:
         if demand != wanted:
             log.info("guest %s: request %d clamped to its limits", guest.id, request.request_id)
         guest.demand = demand
-        self.metrics.request(guest.id, demand)
         log.info(
             "guest %s: request %d for %d cpus, %d MiB (%s; %s)",
             guest.id,
@@ -374,6 +377,8 @@ class Broker:
             for guest_id, target in plan.grants.items():
                 await self._grant(self.guests[guest_id], target, reasons.get(guest_id, ""))
             self.metrics.pool(self.pool.capacity, self.allocated())
+            for guest in self.guests.values():
+                self.metrics.books(guest.id, guest.entitled, guest.demand)
 
     def allocated(self) -> Amount:
         total = ZERO
@@ -426,7 +431,7 @@ class Broker:
         guest.entitled = granted
         message = self._grant_message(guest, granted, new_cpus, 0)
         guest.send(pb.BrokerMessage(grant=message))
-        self.metrics.granted(guest.id, granted)
+        self.metrics.granted(guest.id)
         log.info(
             "guest %s: grant %d: %d cpus, %d MiB (%s)",
             guest.id,

@@ -94,6 +94,33 @@ class BrokerMetrics:
             registry=registry,
         )
 
+    FAILURE_REASONS = (
+        "plug_failed",
+        "unplug_failed",
+        "offline_refused",
+        "reclaim_timeout",
+        "rate_limited",
+        "unknown_ack",
+        "refused_identity",
+        "bad_message",
+    )
+
+    def add_guest(self, guest: str) -> None:
+        """Every series of a configured guest, at zero, before its first session:
+        a guest that never connects is visible, and rate() sees first events."""
+        self.connected.labels(guest).set(0)
+        for counter in (self.grants, self.reclaims, self.reclaimed_cpus, self.reclaimed_memory):
+            counter.labels(guest)
+        for reason in self.FAILURE_REASONS:
+            self.failures.labels(guest, reason)
+
+    def books(self, guest: str, granted: Amount, requested: Amount) -> None:
+        """What the broker's books say now (grants, reclaims and reconnects alike)."""
+        self.granted_cpus.labels(guest).set(granted.cpus)
+        self.granted_memory.labels(guest).set(granted.memory)
+        self.requested_cpus.labels(guest).set(requested.cpus)
+        self.requested_memory.labels(guest).set(requested.memory)
+
     def session(self, guest: str, *, connected: bool) -> None:
         self.connected.labels(guest).set(1 if connected else 0)
 
@@ -101,14 +128,8 @@ class BrokerMetrics:
         self.online_cpus.labels(guest).set(report.online_cpus)
         self.online_memory.labels(guest).set(report.online_memory_bytes)
 
-    def request(self, guest: str, demand: Amount) -> None:
-        self.requested_cpus.labels(guest).set(demand.cpus)
-        self.requested_memory.labels(guest).set(demand.memory)
-
-    def granted(self, guest: str, amount: Amount) -> None:
+    def granted(self, guest: str) -> None:
         self.grants.labels(guest).inc()
-        self.granted_cpus.labels(guest).set(amount.cpus)
-        self.granted_memory.labels(guest).set(amount.memory)
 
     def reclaim_sent(self, guest: str) -> None:
         self.reclaims.labels(guest).inc()
