@@ -5,11 +5,12 @@ that disappears in the middle of a reclaim."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,21 @@ async def drive(guests: dict[str, Guest], stop: asyncio.Event) -> None:
         last = now
 
 
+@contextlib.asynccontextmanager
+async def both_running(tmp: Path, guests: dict[str, Guest]) -> AsyncIterator[None]:
+    """The broker (four CPUs for both guests) and both agents, with their loads driven."""
+    config = broker_config(tmp, [g.config for g in guests.values()], cpus=4, memory=4 * GiB)
+
+    async def loads(stop: asyncio.Event) -> None:
+        await drive(guests, stop)
+
+    async with running(await broker_serve(config), loads):
+        await until((tmp / "broker.json").exists, 10, "the broker to start")
+        for guest in guests.values():
+            guest.start()
+        yield
+
+
 def broker_state(tmp: Path) -> dict[str, Any]:
     state: dict[str, Any] = json.loads((tmp / "broker.json").read_text())
     return state
@@ -118,15 +134,7 @@ async def test_priority_wins_and_the_low_guest_is_reclaimed_to_its_minimum(
 ) -> None:
     high, low = guests["high"], guests["low"]
     # Four CPUs for both guests: their minimums take two, two are surplus.
-    config = broker_config(tmp_path, [high.config, low.config], cpus=4, memory=4 * GiB)
-
-    async def agents(stop: asyncio.Event) -> None:
-        await drive(guests, stop)
-
-    async with running(await broker_serve(config), agents):
-        await until((tmp_path / "broker.json").exists, 10, "the broker to start")
-        high.start()
-        low.start()
+    async with both_running(tmp_path, guests):
         await until(
             lambda: all(g["connected"] for g in broker_state(tmp_path)["guests"].values()),
             20,
@@ -156,15 +164,7 @@ async def test_guest_killed_mid_reclaim_keeps_its_capacity_counted(
     tmp_path: Path, guests: dict[str, Guest]
 ) -> None:
     high, low = guests["high"], guests["low"]
-    config = broker_config(tmp_path, [high.config, low.config], cpus=4, memory=4 * GiB)
-
-    async def agents(stop: asyncio.Event) -> None:
-        await drive(guests, stop)
-
-    async with running(await broker_serve(config), agents):
-        await until((tmp_path / "broker.json").exists, 10, "the broker to start")
-        high.start()
-        low.start()
+    async with both_running(tmp_path, guests):
         low.load = Load(cpus=3.5, memory_bytes=300 * MiB)
         await until(lambda: low.cpus() == 3, 30, "low holds three cpus")
         # Low's next offline of cpu2 hangs in the kernel; then low dies.

@@ -14,13 +14,12 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from vm.build_image import GuestImage
-from vm.harness import BOOT_TIMEOUT_SECONDS, VENV_BIN, VM, VMOptions, VMs, guest_image_or_skip
+from vm.harness import BOOT_TIMEOUT_SECONDS, VENV_BIN, VM, VMOptions, VMs
 
 from agent.kernel import parse_cpu_list
 from broker.cli import serve
@@ -129,17 +128,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    return guest_image_or_skip()
-
-
-@pytest.fixture
-def vms(guest_image: GuestImage, tmp_path: Path) -> Iterator[VMs]:
-    with VMs(guest_image, tmp_path) as pool:
-        yield pool
 
 
 class Setup:

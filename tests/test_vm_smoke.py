@@ -7,12 +7,8 @@ to its script here, plus about 12 s for a Python import).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
-from vm.build_image import GuestImage
-from vm.harness import BOOT_TIMEOUT_SECONDS, VENV_BIN, VMs, guest_image_or_skip
+from vm.harness import BOOT_TIMEOUT_SECONDS, VENV_BIN, VMs
 
 pytestmark = pytest.mark.vm
 
@@ -22,17 +18,6 @@ MiB = 1 << 20
 AGENT_STATUS_TIMEOUT_SECONDS = 90.0
 # ACPI hotplug reaches the guest's sysfs well within a second of device_add.
 CPU_HOTPLUG_TIMEOUT_SECONDS = 20.0
-
-
-@pytest.fixture(scope="session")
-def guest_image() -> GuestImage:
-    return guest_image_or_skip()
-
-
-@pytest.fixture
-def vms(guest_image: GuestImage, tmp_path: Path) -> Iterator[VMs]:
-    with VMs(guest_image, tmp_path) as pool:
-        yield pool
 
 
 async def test_agent_status_in_a_real_guest(vms: VMs) -> None:
