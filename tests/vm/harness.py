@@ -85,6 +85,17 @@ SCRIPT_FILE = "run.sh"
 _TERMINAL_CONTROL = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|c)")
 
 
+def hidden_host_paths() -> list[str]:
+    """Host paths the guest needs that its own /tmp and /run would hide: this
+    checkout and the Python it runs on, when they live there (a CI clone in /tmp)."""
+    repo = Path(__file__).resolve().parents[2]
+    wanted = {repo, Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve()}
+    hidden = (Path("/tmp"), Path("/run"))
+    kept = [p for p in wanted if any(p.is_relative_to(h) for h in hidden)]
+    # A path inside another kept one comes along with it.
+    return sorted(str(p) for p in kept if not any(p != q and p.is_relative_to(q) for q in kept))
+
+
 class VMError(AssertionError):
     """A guest did not do what the test waited for; the message ends with its console."""
 
@@ -194,6 +205,7 @@ class VM:
             "panic=-1",  # a dying init reboots, and -no-reboot turns that into an exit
             f"vmtide.run={program}",
             f"vmtide.share={self.share}",
+            *(f"vmtide.keep={path}" for path in hidden_host_paths()),
             *o.kernel_args,
         ]
         netdev = "user,id=net0" + "".join(

@@ -44,10 +44,12 @@ done
 
 RUN=
 SHARE=
+KEEP=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         vmtide.run=*) RUN="${arg#vmtide.run=}" ;;
         vmtide.share=*) SHARE="${arg#vmtide.share=}" ;;
+        vmtide.keep=*) KEEP="$KEEP ${arg#vmtide.keep=}" ;;
     esac
 done
 [ -n "$RUN" ] || fail "no vmtide.run= on the kernel command line"
@@ -67,8 +69,23 @@ mount -t devtmpfs devtmpfs /newroot/dev
 mkdir -p /newroot/dev/pts /newroot/dev/shm
 mount -t devpts devpts /newroot/dev/pts
 mount -t tmpfs shm /newroot/dev/shm
+# The guest's own /tmp and /run hide the host's; host paths the guest needs
+# from under them (a checkout and its .venv in /tmp, as CI may have) are
+# set aside first and bound back on top.
+n=0
+for path in $KEEP; do
+    mkdir -p "/keep/$n"
+    mount -o bind "/newroot$path" "/keep/$n" || fail "keep $path"
+    n=$((n + 1))
+done
 mount -t tmpfs tmpfs /newroot/tmp
 mount -t tmpfs tmpfs /newroot/run
+n=0
+for path in $KEEP; do
+    mkdir -p "/newroot$path"
+    mount -o bind "/keep/$n" "/newroot$path" || fail "bind $path back"
+    n=$((n + 1))
+done
 if [ -n "$SHARE" ]; then
     # The share usually lives under /tmp, now the guest's own tmpfs: make the
     # mount point there (a no-op when the host root already has it).
