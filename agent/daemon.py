@@ -345,6 +345,13 @@ class Agent:
         if self.link is None or not self.link.connected:
             return
         granted = self.entitlement or Amount(self.topo.online_cpus, self.topo.online_memory_bytes)
+        # Ask only for what the policy decided to change. A "hold" at what is
+        # online while a grant is still being onlined is not a release offer
+        # (a real guest flapped on that: grant 4, hold at 2, reclaim to 2).
+        want = Amount(
+            _ask(decisions.cpu, granted.cpus),
+            _ask(decisions.memory, granted.memory_bytes),
+        )
         if want == granted:
             self._last_request = None
             return
@@ -643,6 +650,16 @@ class Agent:
         ack.online_memory_bytes = self.topo.online_memory_bytes
         if self.link is not None:
             self.link.send(pb.GuestMessage(ack=ack))
+
+
+def _ask(decision: policy.Decision, granted: int) -> int:
+    """What to ask the broker for one resource: the target when the policy wants
+    a change in that direction, else what is granted."""
+    if decision.direction == "grow" and decision.target > granted:
+        return decision.target
+    if decision.direction == "shrink" and decision.target < granted:
+        return decision.target
+    return granted
 
 
 def _fmt(resource: str, value: int) -> str:

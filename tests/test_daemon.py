@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from simulation import agent_config, make_agent
 
+from agent import policy
 from agent.config import AgentConfig, CpuLimits, MemoryLimits
 from agent.daemon import Agent
 from agent.session import BrokerLink
@@ -209,3 +210,25 @@ async def test_grant_ids_are_fresh_in_a_new_session(guest: FakeGuest) -> None:
     await agent.on_broker_message(welcome)
     await agent.on_broker_message(grant(2, 3, 1 * GiB))
     assert guest.online_cpus() == {0, 1, 2}
+
+
+def decisions(cpu: tuple[int, int], memory: tuple[int, int]) -> policy.Decisions:
+    """Decisions from (target, current) pairs."""
+    return policy.Decisions(
+        cpu=policy.Decision(cpu[0], cpu[1], "test", policy.Urgency.LOW, bursting=False),
+        memory=policy.Decision(memory[0], memory[1], "test", policy.Urgency.LOW, bursting=False),
+    )
+
+
+async def test_a_hold_while_a_grant_is_onlined_is_not_a_release(guest: FakeGuest) -> None:
+    agent, link = build(guest)
+    # Granted 3 CPUs; none of the standby ones could be onlined yet.
+    guest.set_faults([{"kind": "cpu", "index": i, "effect": errno.EBUSY} for i in (1, 2)])
+    await agent.on_broker_message(grant(1, 3, 1 * GiB))
+    assert guest.online_cpus() == {0}
+    await agent.pursue(decisions(cpu=(1, 1), memory=(1 * GiB, 1 * GiB)))
+    assert not [m for m in link.sent if m.WhichOneof("body") == "request"]
+    # A shrink is an offer to release.
+    await agent.pursue(decisions(cpu=(2, 3), memory=(1 * GiB, 1 * GiB)))
+    (request,) = [m.request for m in link.sent if m.WhichOneof("body") == "request"]
+    assert (request.cpus, request.memory_bytes) == (2, 1 * GiB)
