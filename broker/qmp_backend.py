@@ -93,6 +93,10 @@ _PERIPHERAL = "/machine/peripheral"
 _OBJECTS = "/objects"
 
 _UNPLUG_EVENTS = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR")
+# QEMU 7.2 under TCG aborted ("double free or corruption") when a vCPU slot
+# was plugged again 0.15 s after its unplug completed: the old vCPU thread was
+# still being torn down. Give a slot this long before reusing it.
+CPU_REPLUG_COOLDOWN_SECONDS = 3.0
 # How often to look at QEMU's inventory while an unplug finishes.
 _INVENTORY_POLL_SECONDS = 0.05
 
@@ -366,6 +370,7 @@ class QmpBackend:
         # nobody reads it here (each wait has its own listener), so let it take none.
         self._qmp.events.event_filter = _no_event
         self._lock = asyncio.Lock()
+        self._cpu_unplugged_at: dict[str, float] = {}  # device id -> loop time
         self._machine = MachineMemory(boot=0, slots=0, max=0)
         self._mechanism = MemoryMechanism.NONE
         self._virtio_mem_id: str | None = None
@@ -608,6 +613,7 @@ class QmpBackend:
             paths = []
             for position, slot in free_cpu_slots(slots, count):
                 device_id = f"{self._options.id_prefix}-cpu{position}"
+                await self._replug_cooldown(device_id)
                 await self._execute(
                     "device_add", {"driver": slot.type, "id": device_id, **dict(slot.props)}
                 )
@@ -623,6 +629,20 @@ class QmpBackend:
             added = sorted(indexes[path] for path in paths)
             log.info("guest %s: plugged CPUs %s", self._guest, added)
             return added
+
+    async def _replug_cooldown(self, device_id: str) -> None:
+        """Wait until a vCPU slot unplugged a moment ago may be plugged again."""
+        unplugged_at = self._cpu_unplugged_at.pop(device_id, None)
+        if unplugged_at is not None:
+            wait = unplugged_at + CPU_REPLUG_COOLDOWN_SECONDS - asyncio.get_running_loop().time()
+            if wait > 0:
+                log.info(
+                    "guest %s: %s was unplugged just now; waiting %.1f s",
+                    self._guest,
+                    device_id,
+                    wait,
+                )
+                await asyncio.sleep(wait)
 
     async def unplug_cpus(self, cpu_ids: Sequence[int], timeout: float) -> list[int]:
         wanted = sorted(set(cpu_ids))
@@ -652,6 +672,9 @@ class QmpBackend:
                     break
                 await asyncio.sleep(_INVENTORY_POLL_SECONDS)
             removed = [cpu for cpu in removed if cpu not in still]
+            now = asyncio.get_running_loop().time()
+            for cpu in removed:
+                self._cpu_unplugged_at[by_index[cpu].rsplit("/", 1)[-1]] = now
             log.info(
                 "guest %s: CPUs %s removed, %s still plugged",
                 self._guest,
