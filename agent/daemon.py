@@ -378,6 +378,7 @@ class Agent:
                     memory_bytes=want.memory_bytes,
                     reason="; ".join(reasons) or "holding",
                     urgency=_URGENCY[urgency],
+                    seen_grant_id=self._last_grant_id,
                 )
             )
         )

@@ -66,6 +66,7 @@ class GuestRecord:
     pending: dict[int, PendingReclaim] = field(default_factory=dict)
     last_report: pb.LoadReport | None = None
     last_request_at: float = 0.0
+    last_grant_id: int = 0  # the latest Grant sent in this session
     reclaim_backoff_until: float = 0.0
 
     @property
@@ -241,6 +242,10 @@ class Broker:
         guest.last_request_at = now
         limits = guest.limits
         wanted = Amount(request.cpus, request.memory_bytes // guest.block_size * guest.block_size)
+        if request.seen_grant_id != guest.last_grant_id:
+            # Asked before our latest grant reached it: less than that grant is
+            # not an offer to give back, only more is news.
+            wanted = wanted.max_each(guest.entitled)
         demand = Amount(
             min(max(wanted.cpus, limits.minimum.cpus), limits.burst.cpus),
             min(max(wanted.memory, limits.minimum.memory), limits.burst.memory),
@@ -444,8 +449,9 @@ class Broker:
     def _grant_message(
         self, guest: GuestRecord, amount: Amount, cpu_ids: Sequence[int], request_id: int
     ) -> pb.Grant:
+        guest.last_grant_id = next(self._ids)
         return pb.Grant(
-            grant_id=next(self._ids),
+            grant_id=guest.last_grant_id,
             request_id=request_id,
             cpus=amount.cpus,
             memory_bytes=amount.memory,

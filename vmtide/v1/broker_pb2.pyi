@@ -518,6 +518,7 @@ class ResourceRequest(_message.Message):
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     URGENCY_FIELD_NUMBER: _builtins.int
+    SEEN_GRANT_ID_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     """Unique within the session; echoed in the Grant or Reclaim that answers."""
     cpus: _builtins.int
@@ -526,6 +527,12 @@ class ResourceRequest(_message.Message):
     reason: _builtins.str
     """Human-readable reason from the policy, e.g. "cpu psi some 34% > 10%"."""
     urgency: Global___Urgency.ValueType
+    seen_grant_id: _builtins.int
+    """The last grant_id the guest had received when it asked. Requests and
+    grants cross on the wire: a request for less than the latest grant that
+    was made before seeing it is not a release offer, and the broker ignores
+    its lower amounts.
+    """
     def __init__(
         self,
         *,
@@ -534,10 +541,11 @@ class ResourceRequest(_message.Message):
         memory_bytes: _builtins.int = ...,
         reason: _builtins.str = ...,
         urgency: Global___Urgency.ValueType = ...,
+        seen_grant_id: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "memory_bytes", b"memory_bytes", "reason", b"reason", "request_id", b"request_id", "urgency", b"urgency"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpus", b"cpus", "memory_bytes", b"memory_bytes", "reason", b"reason", "request_id", b"request_id", "seen_grant_id", b"seen_grant_id", "urgency", b"urgency"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
