@@ -164,6 +164,8 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     if config.agent.lock_memory:
         _lock_memory()
+    if not config.agent.simulated_kernel:
+        _protect_from_oom(config.agent.oom_score_adj)
     try:
         return asyncio.run(_serve(config))
     except KernelReadError as err:
@@ -179,6 +181,15 @@ def _lock_memory() -> None:
             "cannot lock the agent's memory (%s); it may be paged out under pressure",
             os.strerror(err),
         )
+
+
+def _protect_from_oom(score: int, path: Path = Path("/proc/self/oom_score_adj")) -> None:
+    try:
+        if int(path.read_text()) <= score:
+            return  # systemd's OOMScoreAdjust= already did it
+        path.write_text(f"{score}\n")
+    except (OSError, ValueError) as err:
+        log.warning("cannot set the agent's oom_score_adj to %d (%s)", score, err)
 
 
 async def _serve(config: AgentConfig) -> int:

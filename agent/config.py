@@ -36,6 +36,9 @@ class AgentSection:
     psi_trigger_window_us: int = 1_000_000
     # Lock the agent's memory so it keeps deciding while the guest thrashes.
     lock_memory: bool = True
+    # The agent's own OOM score: the OOM killer must never pick the process
+    # that can add memory. The unit sets it too (OOMScoreAdjust=-1000).
+    oom_score_adj: int = -1000
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.sensing_interval_seconds <= 60:
@@ -44,6 +47,8 @@ class AgentSection:
             raise ValueError("rescan_interval_seconds: must not be below sensing_interval_seconds")
         if not 0 < self.psi_trigger_stall_us <= self.psi_trigger_window_us:
             raise ValueError("psi_trigger_stall_us: must be positive and at most the window")
+        if not -1000 <= self.oom_score_adj <= 1000:
+            raise ValueError("oom_score_adj: must be between -1000 and 1000")
         if not 500_000 <= self.psi_trigger_window_us <= 10_000_000:
             # The kernel accepts windows of 0.5 s to 10 s (psi.rst).
             raise ValueError("psi_trigger_window_us: must be between 500000 and 10000000")

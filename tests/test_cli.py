@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from simulation import agent_config, make_agent
 
@@ -94,3 +95,18 @@ async def test_metrics_after_a_cycle(tmp_path: Path) -> None:
     assert 'vmtide_agent_decisions_total{direction="hold",resource="cpus"} 1.0' in text
     assert 'vmtide_agent_sensing_cycles_total{result="ok"}' in text
     assert "vmtide_agent_broker_connected 0.0" in text
+
+
+def test_oom_protection(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from agent.cli import _protect_from_oom
+
+    adj = tmp_path / "oom_score_adj"
+    adj.write_text("0\n")
+    _protect_from_oom(-1000, adj)
+    assert adj.read_text() == "-1000\n"
+    adj.write_text("-1000\n")
+    adj.chmod(0o444)  # already protected (by systemd): nothing to write
+    _protect_from_oom(-1000, adj)
+    assert "cannot set" not in caplog.text
+    _protect_from_oom(-1000, tmp_path / "missing")
+    assert "cannot set the agent's oom_score_adj to -1000" in caplog.text
