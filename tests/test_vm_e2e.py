@@ -48,11 +48,22 @@ SHRINK_TIMEOUT_SECONDS = 150.0
 # and one `mv` per status update.
 GUEST_SCRIPT = """
 S=$VMTIDE_SHARE
-{venv}/vmtide-agent run --config $S/agent.toml >> $S/agent.log 2>&1 &
+start_agent() {{
+    {venv}/vmtide-agent run --config $S/agent.toml >> $S/agent.log 2>&1 &
+    agent=$!
+}}
+start_agent
 cpu_workers=""
 mem_worker=""
 mem_now=0
 while [ ! -e $S/stop ]; do
+    if [ -e $S/kill-agent ]; then
+        rm $S/kill-agent
+        kill -9 $agent || true
+        wait $agent || true
+        echo "--- agent killed with SIGKILL and restarted" >> $S/agent.log
+        start_agent
+    fi
     want=0; [ -e $S/cpu-load ] && {{ read want < $S/cpu-load || true; }}
     set -- $cpu_workers
     while [ "$#" -lt "$want" ]; do
@@ -94,7 +105,7 @@ done
 
 AGENT_CONFIG = """
 [agent]
-guest_id = "vm1"
+guest_id = "{name}"
 sensing_interval_seconds = 0.5
 rescan_interval_seconds = 2.0
 [broker]
@@ -131,17 +142,27 @@ def free_port() -> int:
 
 
 class Setup:
-    def __init__(self, vm: VM, state_file: Path, broker_log: list[str]) -> None:
+    """One guest of a rig: its VM, what its kernel shows, the broker's books on it."""
+
+    def __init__(self, name: str, vm: VM, state_file: Path, broker_log: list[str]) -> None:
+        self.name = name
         self.vm = vm
         self.state_file = state_file
         self.broker_log = broker_log
 
     def state(self) -> dict[str, Any]:
         try:
-            guest: dict[str, Any] = json.loads(self.state_file.read_text())["guests"]["vm1"]
-        except (OSError, ValueError):
+            guest: dict[str, Any] = json.loads(self.state_file.read_text())["guests"][self.name]
+        except (OSError, ValueError, KeyError):
             return {}
         return guest
+
+    def pool(self) -> dict[str, Any]:
+        try:
+            pool: dict[str, Any] = json.loads(self.state_file.read_text())["pool"]
+        except (OSError, ValueError, KeyError):
+            return {}
+        return pool
 
     def _status(self) -> list[str]:
         """The guest's last status: online CPU list, MemTotal kB, blocks, online blocks."""
@@ -216,50 +237,95 @@ async def plugged_vcpus(vm: VM) -> int:
     return sum("qom-path" in slot for slot in slots)
 
 
-@contextlib.asynccontextmanager
-async def booted(
-    vms: VMs, tmp_path: Path, options: VMOptions, pool: PoolConfig
-) -> AsyncIterator[Setup]:
-    port = free_port()
-    vm = vms.new(options)
-    vm.share.mkdir(parents=True, exist_ok=True)
-    (vm.share / "agent.toml").write_text(AGENT_CONFIG.format(port=port))
-    await vm.start(GUEST_SCRIPT.format(venv=VENV_BIN))
-    config = BrokerConfig(
-        broker=BrokerSection(
-            state_file=tmp_path / "broker.json", arbitrate_interval_seconds=0.5, metrics_port=0
-        ),
-        pool=pool,
-        guests=(
+class Rig:
+    """Guests under QEMU with the agent inside, and the broker in this process."""
+
+    def __init__(self, tmp_path: Path, pool: PoolConfig) -> None:
+        self.tmp_path = tmp_path
+        self.pool = pool
+        self.guests: dict[str, Setup] = {}
+        self.configs: list[GuestConfig] = []
+        self.log: list[str] = []
+        self._stop = asyncio.Event()
+        self._broker: asyncio.Task[int] | None = None
+
+    async def add(self, vms: VMs, name: str, options: VMOptions, priority: int = 0) -> Setup:
+        port = free_port()
+        vm = vms.new(options)
+        vm.share.mkdir(parents=True, exist_ok=True)
+        (vm.share / "agent.toml").write_text(AGENT_CONFIG.format(port=port, name=name))
+        await vm.start(GUEST_SCRIPT.format(venv=VENV_BIN))
+        self.configs.append(
             GuestConfig(
-                id="vm1",
+                id=name,
                 listen=f"127.0.0.1:{port}",
+                priority=priority,
                 backend="qmp",
                 qmp_socket=vm.qmp_socket,
                 cpus=CpuLimits(minimum=1, maximum=4),
                 memory=MemoryLimits(minimum_bytes=1 * GiB, maximum_bytes=3 * GiB),
                 memory_step_bytes=512 * MiB,
                 reclaim_deadline_seconds=20.0,
-            ),
-        ),
-    )
-    lines: list[str] = []
-    stop = asyncio.Event()
-    with ListHandler(lines):
-        broker = asyncio.create_task(serve(config, stop))
-        setup = Setup(vm, tmp_path / "broker.json", lines)
-        try:
-            await vm.wait_started(BOOT_TIMEOUT_SECONDS)
-            await setup.until(
-                lambda: setup.state().get("connected", False),
-                AGENT_CONNECT_TIMEOUT_SECONDS,
-                "the agent in the guest to connect",
             )
-            yield setup
+        )
+        setup = Setup(name, vm, self.tmp_path / "broker.json", self.log)
+        self.guests[name] = setup
+        return setup
+
+    def start_broker(self) -> None:
+        config = BrokerConfig(
+            broker=BrokerSection(
+                state_file=self.tmp_path / "broker.json",
+                arbitrate_interval_seconds=0.5,
+                metrics_port=0,
+            ),
+            pool=self.pool,
+            guests=tuple(self.configs),
+        )
+        self._stop = asyncio.Event()
+        self._broker = asyncio.create_task(serve(config, self._stop))
+
+    async def stop_broker(self) -> None:
+        self._stop.set()
+        if self._broker is not None:
+            await self._broker
+            self._broker = None
+
+    async def connected(self) -> None:
+        for setup in self.guests.values():
+            await setup.vm.wait_started(BOOT_TIMEOUT_SECONDS)
+        for setup in self.guests.values():
+            await setup.until(
+                lambda s=setup: s.state().get("connected", False),  # type: ignore[misc]
+                AGENT_CONNECT_TIMEOUT_SECONDS,
+                f"the agent in {setup.name} to connect",
+            )
+
+
+@contextlib.asynccontextmanager
+async def rig(
+    vms: VMs, tmp_path: Path, pool: PoolConfig, guests: list[tuple[str, VMOptions, int]]
+) -> AsyncIterator[Rig]:
+    made = Rig(tmp_path, pool)
+    with ListHandler(made.log):
+        try:
+            for name, options, priority in guests:
+                await made.add(vms, name, options, priority)
+            made.start_broker()
+            await made.connected()
+            yield made
         finally:
-            (vm.share / "stop").touch()
-            stop.set()
-            await broker
+            for setup in made.guests.values():
+                (setup.vm.share / "stop").touch()
+            await made.stop_broker()
+
+
+@contextlib.asynccontextmanager
+async def booted(
+    vms: VMs, tmp_path: Path, options: VMOptions, pool: PoolConfig
+) -> AsyncIterator[Setup]:
+    async with rig(vms, tmp_path, pool, [("vm1", options, 0)]) as made:
+        yield made.guests["vm1"]
 
 
 async def test_cpus_follow_load_in_a_real_guest(vms: VMs, tmp_path: Path) -> None:
@@ -336,3 +402,85 @@ async def test_memory_follows_pressure_in_a_real_guest(
         final = setup.state()["online"]["memory_bytes"]
         assert final >= 1 * GiB  # never below the minimum
         assert setup.mem_total() <= boot_total + (final - 1 * GiB) + 64 * MiB
+
+
+async def test_broker_restart_and_agent_sigkill_reconverge(vms: VMs, tmp_path: Path) -> None:
+    pool = PoolConfig(cpus=4, memory_bytes=8 * GiB)
+    async with rig(vms, tmp_path, pool, [("vm1", VMOptions(), 0)]) as made:
+        setup = made.guests["vm1"]
+        setup.load(cpus=3)
+        await setup.until(lambda: len(setup.guest_cpus()) >= 2, GROW_TIMEOUT_SECONDS, "cpus up")
+        held = setup.guest_cpus()
+        # The broker restarts mid-session: the guest keeps what it has, the
+        # new broker's books come from the guest's Hello.
+        await made.stop_broker()
+        made.start_broker()
+        await setup.until(lambda: setup.state().get("connected", False), 60, "reconnected")
+        assert setup.guest_cpus() >= held
+        await setup.until(
+            lambda: setup.state()["online"]["cpus"] == len(setup.guest_cpus()),
+            30,
+            "the new broker's books to match the guest",
+        )
+        # The agent dies by SIGKILL and comes back: it rebuilds from sysfs and
+        # the broker, and nothing granted is lost or counted twice.
+        before = setup.guest_cpus()
+
+        def sessions() -> int:
+            return sum("guest vm1: session " in line for line in made.log)
+
+        opened = sessions()
+        (setup.vm.share / "kill-agent").touch()
+        await setup.until(
+            lambda: "killed with SIGKILL" in (setup.vm.share / "agent.log").read_text(),
+            30,
+            "the agent to be killed",
+        )
+        await setup.until(
+            lambda: sessions() > opened and setup.state().get("connected", False),
+            AGENT_CONNECT_TIMEOUT_SECONDS,
+            "the restarted agent to connect",
+        )
+        assert setup.guest_cpus() >= before
+        await setup.until(
+            lambda: (
+                setup.state()["online"]["cpus"] == len(setup.guest_cpus())
+                and setup.pool()["allocated"]["cpus"] <= 4
+            ),
+            30,
+            "the books to reconverge",
+        )
+        # The load goes: the restarted agent gives back what it no longer needs.
+        setup.load(cpus=0)
+        await setup.until(lambda: setup.guest_cpus() == {0}, SHRINK_TIMEOUT_SECONDS, "cpus down")
+        await setup.until(
+            lambda: setup.state()["online"]["cpus"] == 1 and setup.pool()["allocated"]["cpus"] >= 1,
+            30,
+            "the books to follow",
+        )
+
+
+async def test_two_guests_compete_and_priority_wins(vms: VMs, tmp_path: Path) -> None:
+    # Three CPUs for two guests: their minimums take two, one is surplus.
+    pool = PoolConfig(cpus=3, memory_bytes=8 * GiB)
+    guests = [("high", VMOptions(), 10), ("low", VMOptions(), 0)]
+    async with rig(vms, tmp_path, pool, guests) as made:
+        high, low = made.guests["high"], made.guests["low"]
+        low.load(cpus=2)
+        await low.until(lambda: len(low.guest_cpus()) == 2, GROW_TIMEOUT_SECONDS, "low grows")
+        high.load(cpus=2)
+        # The higher priority wins; the other is reclaimed down to its minimum.
+        await high.until(
+            lambda: len(high.guest_cpus()) == 2 and low.guest_cpus() == {0},
+            SHRINK_TIMEOUT_SECONDS,
+            "high to take the surplus from low",
+        )
+        await high.until(
+            lambda: (
+                high.pool()["allocated"]["cpus"] <= 3
+                and low.state()["online"]["cpus"] == 1
+                and high.state()["online"]["cpus"] == 2
+            ),
+            30,
+            "the books to match both guests",
+        )
