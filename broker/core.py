@@ -311,11 +311,9 @@ class Broker:
         del guest.pending[ack.reclaim_id]
         if not Amount(ack.online_cpus, ack.online_memory_bytes).fits(pending.target):
             guest.reclaim_backoff_until = self._clock() + SHORT_RECLAIM_BACKOFF_SECONDS
-        # What did not go offline is still online, and Ack.online says so.
-        guest.entitled = Amount(
-            max(pending.target.cpus, min(guest.entitled.cpus, guest.online.cpus)),
-            max(pending.target.memory, min(guest.entitled.memory, guest.online.memory)),
-        )
+        # `entitled` already came down to the target when the reclaim was sent
+        # (fields that rise wait for their grant); what did not go offline is
+        # still online, Ack.online says so, and `held` counts it.
         self.metrics.reclaimed(
             guest.id, Amount(len(removed_cpus), len(removed_blocks) * guest.block_size)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -70,3 +71,47 @@ async def test_a_request_that_crossed_a_grant_is_not_a_release(tmp_path: Path) -
         if message is not None and message.WhichOneof("body") == "reclaim":
             reclaims.append(message.reclaim)
     assert [r.cpus for r in reclaims] == [2]
+
+
+def sent(outbox: asyncio.Queue[pb.BrokerMessage | None], kind: str) -> list[pb.BrokerMessage]:
+    messages = []
+    while not outbox.empty():
+        message = outbox.get_nowait()
+        if message is not None and message.WhichOneof("body") == kind:
+            messages.append(message)
+    return messages
+
+
+async def test_a_release_and_a_rise_at_once_end_in_both(tmp_path: Path) -> None:
+    broker, fake = make(tmp_path)
+    record, outbox = broker.open_session("g", hello(fake))
+    ask = pb.ResourceRequest(request_id=1, cpus=3, memory_bytes=GiB + GiB // 2)
+    ask.seen_grant_id = record.last_grant_id
+    await broker.on_message(record, pb.GuestMessage(request=ask))
+    await broker.rebalance()
+    grant = sent(outbox, "grant")[-1].grant
+    await broker.on_message(
+        record,
+        pb.GuestMessage(
+            ack=pb.Ack(grant_id=grant.grant_id, online_cpus=3, online_memory_bytes=GiB + GiB // 2)
+        ),
+    )
+    # More CPUs, less memory, in one request.
+    record.last_request_at = 0.0
+    ask = pb.ResourceRequest(request_id=2, cpus=4, memory_bytes=GiB)
+    ask.seen_grant_id = record.last_grant_id
+    await broker.on_message(record, pb.GuestMessage(request=ask))
+    await broker.rebalance()
+    (reclaim,) = [m.reclaim for m in sent(outbox, "reclaim")]
+    assert (reclaim.cpus, reclaim.memory_bytes) == (3, GiB)
+    await broker.on_message(
+        record,
+        pb.GuestMessage(
+            ack=pb.Ack(reclaim_id=reclaim.reclaim_id, online_cpus=3, online_memory_bytes=GiB)
+        ),
+    )
+    await broker.rebalance()
+    # The CPU rise was not lost behind the reclaim.
+    (later,) = [m.grant for m in sent(outbox, "grant")]
+    assert (later.cpus, later.memory_bytes) == (4, GiB)
+    assert record.held == Amount(4, GiB)
