@@ -74,10 +74,7 @@ SHRINK = (BOOT_CPUS, BOOT_BLOCKS)
 MAX_CPUS = 4
 MAX_BLOCKS = 16
 DEFAULT_COUNTS = (100, 300, 1000, 3000, 9000)
-RESULTS_FILE = "broker-scale.json"
-REPORT_FILE = "broker-scale.md"
-PLOT_FILE = "broker-scale.png"
-NOTES_FILE = "broker-scale-notes.md"
+NAME = "broker-scale"  # the report's files: NAME.json, .md, .png, and NAME-notes.md
 
 
 class BenchError(Exception):
@@ -788,7 +785,7 @@ def spread(runs: Sequence[dict[str, Any]], key: str) -> tuple[float, float, floa
     return statistics.median(values), min(values), max(values)
 
 
-def write_report(out: Path, results: dict[str, Any]) -> None:
+def write_report(out: Path, results: dict[str, Any], name: str = NAME) -> None:
     points = sorted(results["points"], key=lambda p: p["guests"])
     lines = [
         "# Broker scale",
@@ -828,7 +825,7 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
         f"Largest measured count with median p99 under 50 ms: {max(under_50, default='none')};"
         f" under 100 ms: {max(under_100, default='none')}.",
         "",
-        f"![latency, CPU and memory against guests]({PLOT_FILE})",
+        f"![latency, CPU and memory against guests]({name}.png)",
         "",
         "## Settings",
         "",
@@ -859,13 +856,13 @@ def write_report(out: Path, results: dict[str, Any]) -> None:
         lines.append(
             f"| {p['guests']} | {p['date']} | {p.get('revision', '?')} | `{p['command']}` |"
         )
-    notes = out / NOTES_FILE
+    notes = out / f"{name}-notes.md"
     if notes.exists():
         lines += ["", notes.read_text().rstrip()]
-    (out / REPORT_FILE).write_text("\n".join(lines) + "\n")
+    (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 
 
-def write_plot(out: Path, results: dict[str, Any]) -> None:
+def write_plot(out: Path, results: dict[str, Any], name: str = NAME) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -907,14 +904,16 @@ def write_plot(out: Path, results: dict[str, Any]) -> None:
     right.legend(loc="lower right", fontsize=8)
     fig.suptitle("vmtide-broker: one process, simulated guests")
     fig.tight_layout()
-    fig.savefig(out / PLOT_FILE, dpi=90)
+    fig.savefig(out / f"{name}.png", dpi=90)
     plt.close(fig)
 
 
-def merge(out: Path, points: list[dict[str, Any]], keep_others: bool) -> dict[str, Any]:
+def merge(
+    out: Path, points: list[dict[str, Any]], keep_others: bool, name: str = NAME
+) -> dict[str, Any]:
     """The new points, with (when asked) the earlier file's points for other counts."""
     results: dict[str, Any] = {"machine": machine(), "points": points}
-    path = out / RESULTS_FILE
+    path = out / f"{name}.json"
     if keep_others and path.exists():
         earlier = json.loads(path.read_text())
         counts = {p["guests"] for p in points}
@@ -1036,11 +1035,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         point["date"] = date
         point["revision"] = code
     out.mkdir(parents=True, exist_ok=True)
-    results = merge(out, points, args.merge)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=1) + "\n")
-    write_report(out, results)
-    write_plot(out, results)
-    print(f"report: {out / REPORT_FILE}")
+    name = args.name
+    results = merge(out, points, args.merge, name)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_report(out, results, name)
+    write_plot(out, results, name)
+    print(f"report: {out / (name + '.md')}")
     return 0
 
 

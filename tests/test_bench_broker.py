@@ -38,7 +38,7 @@ def test_quick_mode_grants_every_guest_and_writes_a_report(tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stderr
 
-    results = json.loads((out / broker_scale.RESULTS_FILE).read_text())
+    results = json.loads((out / f"{broker_scale.NAME}.json").read_text())
     [point] = results["points"]
     assert point["guests"] == 20
     [run] = point["runs"]
@@ -50,13 +50,13 @@ def test_quick_mode_grants_every_guest_and_writes_a_report(tmp_path: Path) -> No
     assert 0 < run["p50_ms"] <= run["p99_ms"] <= run["max_ms"]
     assert run["broker_rss_mib"] > 0
 
-    report = (out / broker_scale.REPORT_FILE).read_text()
+    report = (out / f"{broker_scale.NAME}.md").read_text()
     rows = [line for line in report.splitlines() if re.match(r"\| 20 \| 1 \| \d+ \|", line)]
     assert len(rows) == 1, report
     assert len(rows[0].strip("|").split("|")) == 10
     assert "python -m bench.broker_scale --quick" in report
     assert results["machine"]["uname"] in report
-    assert (out / broker_scale.PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / f"{broker_scale.NAME}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_the_broker_config_it_writes_loads_and_covers_every_guest(tmp_path: Path) -> None:
