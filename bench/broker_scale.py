@@ -949,6 +949,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="load-generator processes")
     parser.add_argument("--transport", default="unix", choices=["unix", "tcp"])
     parser.add_argument("--log-level", default="INFO", help="the broker's log level")
+    parser.add_argument("--name", default=NAME, help="base name of the report's files")
     parser.add_argument(
         "--merge",
         action="store_true",
