@@ -4,7 +4,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: all venv proto check-proto lint typecheck test test-fast test-vm vm-image demo clean
+.PHONY: all venv host-deps proto check-proto lint typecheck test test-fast test-vm vm-image demo \
+	demo-simulated clean
 
 all: test
 
@@ -33,7 +34,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: check-proto lint typecheck
+test: host-deps check-proto lint typecheck
 	$(VENV)/bin/pytest -q
 
 test-fast: $(STAMP)
@@ -46,9 +47,17 @@ vm-image: $(STAMP)
 test-vm: $(STAMP)
 	$(VENV)/bin/pytest -q -m vm
 
-# The main job: a simulated guest (fake sysfs) whose CPUs and memory follow a
-# load pattern, with the agent and the broker talking gRPC.
-demo: $(STAMP)
+# Debian packages the demo and the tests need on the host (installed when missing, as root).
+host-deps:
+	tools/host-deps.sh
+
+# The main job: a real Linux guest under QEMU with the agent inside and the
+# broker here over QMP; its CPUs and memory follow a load pattern, live.
+demo: host-deps $(STAMP)
+	PYTHONPATH=tests $(PY) -m vm.demo
+
+# The same story on a simulated guest (fake sysfs): no QEMU, 1 minute.
+demo-simulated: $(STAMP)
 	$(PY) -m vmtide.demo
 
 clean:
