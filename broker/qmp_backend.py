@@ -375,6 +375,12 @@ class QmpBackend:
         self._mechanism = MemoryMechanism.NONE
         self._virtio_mem_id: str | None = None
         self._has_balloon = False
+        # Under TCG QEMU gives every vCPU it realizes a TCG context and never
+        # takes one back (tcg_register_thread asserts n < tcg_max_ctxs, and
+        # there are maxcpus of them): after unplugs, the maxcpus-th hot-plug
+        # over the process's life aborts QEMU. So count them down and refuse
+        # before that. None under KVM, where vCPUs come and go freely.
+        self._tcg_vcpus_left: int | None = None
 
     @property
     def memory_mechanism(self) -> MemoryMechanism:
@@ -441,6 +447,7 @@ class QmpBackend:
             if err.error_class != "DeviceNotActive":
                 raise
             self._has_balloon = False
+        await self._count_tcg_vcpus()
         log.info(
             "guest %s: QMP %s: memory by %s%s, balloon %s",
             self._guest,
@@ -449,6 +456,20 @@ class QmpBackend:
             f" ({self._virtio_mem_id})" if self._virtio_mem_id else "",
             "yes" if self._has_balloon else "no",
         )
+
+    async def _count_tcg_vcpus(self) -> None:
+        kvm = _obj(await self._execute("query-kvm"), "query-kvm")
+        if kvm.get("enabled") is True:
+            self._tcg_vcpus_left = None
+            return
+        slots = await self._query("query-hotpluggable-cpus", parse_cpu_slots)
+        # Realized so far: at least those plugged now (unplugs before this
+        # connection are unknown). Never more than an earlier count said.
+        left = sum(s.vcpus for s in slots if s.qom_path is None)
+        if self._tcg_vcpus_left is not None:
+            left = min(left, self._tcg_vcpus_left)
+        self._tcg_vcpus_left = left
+        log.info("guest %s: QEMU runs it under TCG: %d more vCPU hot-plugs", self._guest, left)
 
     def _choose_memory(self, memory: MemoryInventory) -> tuple[MemoryMechanism, str | None]:
         wanted = self._options.memory
@@ -610,13 +631,26 @@ class QmpBackend:
             return []
         async with self._lock:
             slots = await self._query("query-hotpluggable-cpus", parse_cpu_slots)
+            chosen = free_cpu_slots(slots, count)
+            left = self._tcg_vcpus_left
+            if left is not None and sum(slot.vcpus for _, slot in chosen) > left:
+                chosen = free_cpu_slots(slots, left)
+                if not chosen:
+                    raise BackendError(
+                        self._guest,
+                        "device_add (vCPU)",
+                        "QEMU runs this guest under TCG, which realizes at most maxcpus "
+                        "vCPUs over its life and aborts on the next one; none is left",
+                    )
             paths = []
-            for position, slot in free_cpu_slots(slots, count):
+            for position, slot in chosen:
                 device_id = f"{self._options.id_prefix}-cpu{position}"
                 await self._replug_cooldown(device_id)
                 await self._execute(
                     "device_add", {"driver": slot.type, "id": device_id, **dict(slot.props)}
                 )
+                if self._tcg_vcpus_left is not None:
+                    self._tcg_vcpus_left -= slot.vcpus
                 paths.append(f"{_PERIPHERAL}/{device_id}")
             if not paths:
                 return []

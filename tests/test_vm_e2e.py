@@ -55,6 +55,18 @@ async def test_cpus_follow_load_in_a_real_guest(vms: VMs, tmp_path: Path) -> Non
             assert time.monotonic() < deadline, setup.vm.explain("vCPUs still plugged")
             await asyncio.sleep(0.5)
         await setup.until(lambda: setup.state()["online"]["cpus"] == 1, 10, "books match")
+        # Under TCG QEMU realizes at most maxcpus (4) vCPUs over its life; one
+        # at boot and at least one plugged above, so growing to four again
+        # runs out: the broker refuses the hot-plug instead of letting QEMU
+        # abort, and the guest runs on.
+        setup.load(cpus=3)
+        await setup.until(
+            lambda: any("under TCG" in line for line in setup.broker_log),
+            GROW_TIMEOUT_SECONDS,
+            "the broker to refuse a vCPU TCG cannot realize",
+        )
+        assert setup.vm.script_status() is None
+        assert await plugged_vcpus(setup.vm) < 4  # QMP answers: QEMU is alive
 
 
 @pytest.mark.parametrize(
@@ -108,7 +120,9 @@ async def test_memory_follows_pressure_in_a_real_guest(
 
 async def test_broker_restart_and_agent_sigkill_reconverge(vms: VMs, tmp_path: Path) -> None:
     pool = PoolConfig(cpus=4, memory_bytes=8 * GiB)
-    async with rig(vms, tmp_path, pool, [("vm1", VMOptions(), 0)]) as made:
+    # Eight vCPU slots for a guest limited to four: under TCG QEMU realizes
+    # at most maxcpus vCPUs over its life, and this test plugs again after unplugs.
+    async with rig(vms, tmp_path, pool, [("vm1", VMOptions(maxcpus=8), 0)]) as made:
         setup = made.guests["vm1"]
         setup.load(cpus=3)
         await setup.until(lambda: len(setup.guest_cpus()) >= 2, GROW_TIMEOUT_SECONDS, "cpus up")
@@ -165,7 +179,7 @@ async def test_broker_restart_and_agent_sigkill_reconverge(vms: VMs, tmp_path: P
 async def test_two_guests_compete_and_priority_wins(vms: VMs, tmp_path: Path) -> None:
     # Three CPUs for two guests: their minimums take two, one is surplus.
     pool = PoolConfig(cpus=3, memory_bytes=8 * GiB)
-    guests = [("high", VMOptions(), 10), ("low", VMOptions(), 0)]
+    guests = [("high", VMOptions(maxcpus=8), 10), ("low", VMOptions(maxcpus=8), 0)]
     async with rig(vms, tmp_path, pool, guests) as made:
         high, low = made.guests["high"], made.guests["low"]
         # Start from rest: an agent starting under TCG looks like load to its

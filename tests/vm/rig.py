@@ -234,21 +234,32 @@ async def plugged_vcpus(vm: VM) -> int:
 class Rig:
     """Guests under QEMU with the agent inside, and the broker in this process."""
 
-    def __init__(self, tmp_path: Path, pool: PoolConfig) -> None:
+    def __init__(self, tmp_path: Path, pool: PoolConfig, metrics_port: int = 0) -> None:
         self.tmp_path = tmp_path
         self.pool = pool
+        self.metrics_port = metrics_port
         self.guests: dict[str, Setup] = {}
         self.configs: list[GuestConfig] = []
         self.log: list[str] = []
         self._stop = asyncio.Event()
         self._broker: asyncio.Task[int] | None = None
 
-    async def add(self, vms: VMs, name: str, options: VMOptions, priority: int = 0) -> Setup:
+    async def add(
+        self,
+        vms: VMs,
+        name: str,
+        options: VMOptions,
+        priority: int = 0,
+        script: str = GUEST_SCRIPT,
+        agent_config: str = AGENT_CONFIG,
+    ) -> Setup:
+        """Boot a guest running `script` (formatted with `venv`) with the agent's
+        config at `$VMTIDE_SHARE/agent.toml` (formatted with `port` and `name`)."""
         port = free_port()
         vm = vms.new(options)
         vm.share.mkdir(parents=True, exist_ok=True)
-        (vm.share / "agent.toml").write_text(AGENT_CONFIG.format(port=port, name=name))
-        await vm.start(GUEST_SCRIPT.format(venv=VENV_BIN))
+        (vm.share / "agent.toml").write_text(agent_config.format(port=port, name=name))
+        await vm.start(script.format(venv=VENV_BIN))
         self.configs.append(
             GuestConfig(
                 id=name,
@@ -271,7 +282,7 @@ class Rig:
             broker=BrokerSection(
                 state_file=self.tmp_path / "broker.json",
                 arbitrate_interval_seconds=0.5,
-                metrics_port=0,
+                metrics_port=self.metrics_port,
             ),
             pool=self.pool,
             guests=tuple(self.configs),
