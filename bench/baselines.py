@@ -265,9 +265,9 @@ class HpaLike:
             desired = current
         else:
             desired = math.ceil(current * ratio - _EPSILON)
-        self.recommendations.append((obs.at, desired))
-        while self.recommendations[0][0] <= obs.at - self.down_window:
+        while self.recommendations and self.recommendations[0][0] <= obs.at - self.down_window:
             self.recommendations.popleft()
+        self.recommendations.append((obs.at, desired))
         if desired > current:
             desired = min(desired, max(2 * current, current + 4))
         elif desired < current:

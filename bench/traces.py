@@ -396,13 +396,13 @@ def leak(seconds: int = 2700, restart: int = 2000, seed: int = 5) -> Trace:
 
 
 def full_traces() -> list[Trace]:
-    """About 7 hours of simulated time in all: 1.5 h of each envelope, 3.2 h synthetic."""
+    """About 6 hours of simulated time in all: 1 h of each envelope, 3.2 h synthetic."""
     return [
-        # Day 2 of the 10 s data, 1.5 h in real time.
-        from_envelope("alibaba2018", start_row=8640, rows=541, seconds_per_row=10, seed=11),
-        # Day 2 of the 300 s data, compressed 20x: a diurnal cycle in 72 minutes.
-        from_envelope("google2019", start_row=288, rows=289, seconds_per_row=15, seed=12),
-        from_envelope("azure_v2", start_row=288, rows=289, seconds_per_row=15, seed=13),
+        # The first hour of day 2 of the 10 s data, in real time.
+        from_envelope("alibaba2018", start_row=8640, rows=361, seconds_per_row=10, seed=11),
+        # Day 2 of the 300 s data, compressed 24x: a diurnal cycle in an hour.
+        from_envelope("google2019", start_row=288, rows=289, seconds_per_row=12.5, seed=12),
+        from_envelope("azure_v2", start_row=288, rows=289, seconds_per_row=12.5, seed=13),
         step(),
         ramp(),
         square(),
@@ -412,10 +412,10 @@ def full_traces() -> list[Trace]:
 
 
 def quick_traces() -> list[Trace]:
-    """A few seconds' worth: ten minutes of one envelope and a short step."""
+    """A few seconds' worth: six minutes of one envelope and a short step."""
     return [
-        from_envelope("alibaba2018", start_row=8640, rows=61, seconds_per_row=10, seed=11),
-        step(seconds=480, up=120, down=300),
+        from_envelope("alibaba2018", start_row=8640, rows=37, seconds_per_row=10, seed=11),
+        step(seconds=360, up=90, down=240),
     ]
 
 

@@ -59,7 +59,7 @@ def test_quick_mode_writes_a_well_formed_report(tmp_path: Path) -> None:
     assert re.search(r"^- Machine: `\S+.*`$", report, re.M)
     assert re.search(r"^- CPU: \S+", report, re.M)
     names = [t.name for t in traces.quick_traces()]
-    policies = ["vmtide", *policy_quality.BASELINES]
+    policies = [*policy_quality.PROFILES, *policy_quality.BASELINES]
     for name in names:
         assert f"\n### {name}\n" in report
         # The summary has one row per trace and resource.
@@ -80,7 +80,10 @@ def test_quick_mode_writes_a_well_formed_report(tmp_path: Path) -> None:
             over, share, under = (cell.strip() for cell in row.split("|")[2:5])
             assert re.fullmatch(r"[\d,]+", over) and re.fullmatch(r"[\d,]+", under), row
             assert re.fullmatch(r"\d+ %", share), row
-    assert re.search(r"^Target met on \d+ of 4 trace-resource pairs\.$", report, re.M)
+    for name in policy_quality.PROFILES:
+        assert re.search(
+            rf"^- \*\*{name}\*\*: target met on \d+ of 4 trace-resource pairs;", report, re.M
+        )
 
 
 def test_unknown_trace_is_refused_by_name() -> None:
@@ -125,6 +128,19 @@ def test_replay_applies_a_decision_after_the_actuation_delay() -> None:
     # Second 0 runs on the initial size; the decision after it lands delay seconds later.
     assert allocation.cpu == (2,) * (1 + cpu_delay) + (6,) * (5 - cpu_delay)
     assert allocation.memory == (4 * GiB,) * (1 + mem_delay) + (8 * GiB,) * (5 - mem_delay)
+
+
+def test_agent_keeps_a_pending_grow_through_a_hold_as_the_daemon_does() -> None:
+    sizer = policy_quality.AgentSizer(initial=(3, 4 * GiB))
+    model = SignalModel()
+    wanted = []
+    # Online stays at 3 CPUs (the grant is still on its way): 2.7 busy twice is a grow
+    # to ceil(2.7 / 0.8) = 4; then 2.3 (77 %) makes the policy "hold 3".
+    for at, busy in enumerate([2.0] * 20 + [2.7, 2.7, 2.3, 2.3], start=1):
+        cpu, mem = model.observe(float(at), busy, 3, 1.0 * GiB, 4 * GiB)
+        wanted.append(sizer.step(cpu, mem)[0])
+    assert wanted[:21] == [3] * 21
+    assert wanted[21:] == [4, 4, 4]  # not back to 3: a hold is not a release
 
 
 def test_score_counts_over_under_cover_and_resizes() -> None:
