@@ -121,7 +121,7 @@ FINDINGS = (
     "- **What vmtide does well.** It covers spikes within a few seconds (spike cover"
     " column) where vpa-like, hpa-like and mom-like often never do, and its under-provisioning"
     " is close to senpai-like's, the only baseline as quick.",
-    "- **vmtide-lean** (parameters only, below) cuts over-provisioning by a fifth to a half"
+    "- **vmtide-lean** (parameters only, below) cuts over-provisioning by a fifth to over a half"
     " on every pair but leak's flat CPU, and is"
     " beaten on both counts by no baseline on any pair of this run, at the price of more"
     " under-provisioning where bursts recur just after a shrink (spike, square, step): a"
