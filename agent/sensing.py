@@ -36,6 +36,7 @@ PSI_RESOURCES = ("cpu", "memory", "io")
 # guest_nice are already counted in user and nice, so the total stops at steal.
 _STAT_IDLE = 3
 _STAT_IOWAIT = 4
+_STAT_STEAL = 7
 _STAT_FIELDS_IN_TOTAL = 8
 # Linux 2.4 printed only user, nice, system and idle.
 _STAT_MIN_FIELDS = 4
@@ -153,7 +154,7 @@ def parse_psi(text: str, path: Path | str = "/proc/pressure") -> Psi:
 @dataclass(frozen=True, slots=True)
 class CpuJiffies:
     total: int  # user..steal
-    idle: int  # idle + iowait
+    idle: int  # idle + iowait + steal: time the guest did not run anything
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,6 +173,10 @@ def _cpu_jiffies(path: Path | str, lineno: int, line: str, fields: list[str]) ->
     idle = counted[_STAT_IDLE]
     if len(counted) > _STAT_IOWAIT:
         idle += counted[_STAT_IOWAIT]
+    # Steal is the host running someone else on this vCPU: the guest was not
+    # busy then, and more vCPUs on a contended host would not win it back.
+    if len(counted) > _STAT_STEAL:
+        idle += counted[_STAT_STEAL]
     return CpuJiffies(total=sum(counted), idle=idle)
 
 

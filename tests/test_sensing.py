@@ -259,8 +259,9 @@ def test_parse_psi_malformed(text: str, reason: str) -> None:
             "cpu1 4015 0 1378 401460 317 0 67 12 0 0\n"
             "intr 244156 0 0 0\nctxt 412273\nbtime 1732520000\nprocesses 3121\n"
             "procs_running 1\nprocs_blocked 0\nsoftirq 170455 0 25634 2 3069\n",
-            CpuJiffies(814517, 806053),
-            {0: CpuJiffies(407268, 404276), 1: CpuJiffies(407249, 401777)},
+            # idle + iowait + steal
+            CpuJiffies(814517, 806079),
+            {0: CpuJiffies(407268, 404290), 1: CpuJiffies(407249, 401789)},
             1,
             id="6.x-ten-fields",
         ),
@@ -404,7 +405,8 @@ def test_deltas_across_two_samples(tmp_path: Path) -> None:
     sensor = Sensor(root, clock=clock(10.0, 12.0))
     sensor.sample()
     # Over 100 jiffies: cpu0 30 busy (user +20, system +10, idle +60, iowait
-    # +10); cpu1 90 busy, 40 of them guest time that is already in user.
+    # +10); cpu1 85 busy, 40 of them guest time that is already in user, and
+    # 5 stolen by the host, which is not the guest being busy.
     cpu0 = [a + b for a, b in zip(CPU0_T0, (20, 0, 10, 60, 10, 0, 0, 0, 0, 0), strict=True)]
     cpu1 = [a + b for a, b in zip(CPU1_T0, (80, 0, 5, 10, 0, 0, 0, 5, 40, 0), strict=True)]
     (root / "stat").write_text(stat_text({0: cpu0, 1: cpu1}, procs_running=7))
@@ -413,8 +415,8 @@ def test_deltas_across_two_samples(tmp_path: Path) -> None:
 
     reading = sensor.sample()
     assert reading.at == 12.0
-    assert reading.per_cpu_busy == pytest.approx((0.3, 0.9))
-    assert reading.cpu_busy == pytest.approx((30 + 90) / 200 * 2)
+    assert reading.per_cpu_busy == pytest.approx((0.3, 0.85))
+    assert reading.cpu_busy == pytest.approx((30 + 85) / 200 * 2)
     assert reading.run_queue == 7
     assert reading.swap_in_per_s == pytest.approx(300 / 2.0)
     assert reading.swap_out_per_s == pytest.approx(50 / 2.0)
