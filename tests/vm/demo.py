@@ -61,7 +61,7 @@ class Phase:
 
 @dataclass(frozen=True)
 class Row:
-    """What one refresh sees: the guest's kernel and the broker's books."""
+    """What one refresh sees: the guest's kernel, and what the broker granted it."""
 
     cpus: str
     mem_total: int
@@ -83,8 +83,8 @@ def format_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB" if n else "-"
 
 
-HEADER = ("time", "phase", "load", "guest CPUs", "MemTotal", "granted", "memory", "reclaims")
-WIDTHS = (6, 15, 14, 11, 10, 8, 10, 8)
+HEADER = ("time", "phase", "load", "guest CPUs", "MemTotal", "granted", "granted mem", "reclaims")
+WIDTHS = (6, 15, 14, 11, 10, 8, 11, 8)
 
 
 def _line(cells: tuple[str, ...]) -> str:
@@ -125,14 +125,14 @@ class Table:
 
 def observe(setup: Setup) -> Row:
     state = setup.state()
-    online = state.get("online", {})
+    granted = state.get("granted", {})
     status = setup.vm.share / "status"
     cpus = status.read_text().split()[0] if status.exists() else ""
     return Row(
         cpus=cpus,
         mem_total=setup.mem_total(),
-        broker_cpus=int(online.get("cpus", 0)),
-        broker_memory=int(online.get("memory_bytes", 0)),
+        broker_cpus=int(granted.get("cpus", 0)),
+        broker_memory=int(granted.get("memory_bytes", 0)),
         pending=len(state.get("pending_reclaims", [])),
     )
 
