@@ -1,0 +1,173 @@
+"""Inside the benchmark guest: step the load, time how the agent reacts, step back.
+
+    python guest_reaction.py --resource cpus --runs 10 --log agent.log --out results.jsonl
+
+Run by `bench/vm_reaction.py` in a real guest next to `vmtide-agent`. Each run
+waits until the guest is at rest, starts the load (busy loops, or a process
+writing to MiB of memory) and notes the time, polls sysfs every 10 ms until a
+CPU or memory block more is online, and appends one JSON line: the load step,
+the agent's decision, the grant reaching it and the new resource seen online,
+all on this guest's clock (the agent's log is on the same clock). Then it
+stops the load and waits for the guest to shrink back before the next run.
+
+Standard library only, and cheap: every millisecond it spends runs under TCG
+next to the agent it measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+CPU = Path("/sys/devices/system/cpu")
+MEMORY = Path("/sys/devices/system/memory")
+POLL_SECONDS = 0.01
+# The shrink window of the benchmark's agent config plus the unplug.
+REST_TIMEOUT_SECONDS = 240.0
+GROW_TIMEOUT_SECONDS = 120.0
+# At rest this long before a step, so PSI averages have decayed.
+QUIET_SECONDS = 3.0
+
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ vmtide\.agent: (.*)$")
+
+
+def cpu_count(name: str) -> int:
+    """CPUs in /sys/devices/system/cpu/{online,present} ("0-2,4")."""
+    total = 0
+    for part in (CPU / name).read_text().strip().split(","):
+        low, _, high = part.partition("-")
+        total += int(high or low) - int(low) + 1
+    return total
+
+
+def blocks(state: str | None) -> int:
+    """Memory blocks in `state`, or all of them with None."""
+    count = 0
+    for block in MEMORY.glob("memory[0-9]*"):
+        if state is None:
+            count += 1
+            continue
+        try:
+            if (block / "state").read_text().strip() == state:
+                count += 1
+        except OSError:  # removed while listing
+            pass
+    return count
+
+
+def online(resource: str) -> int:
+    return cpu_count("online") if resource == "cpus" else blocks("online")
+
+
+def present(resource: str) -> int:
+    return cpu_count("present") if resource == "cpus" else blocks(None)
+
+
+def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(POLL_SECONDS)
+    return time.time()
+
+
+def start_load(resource: str, amount: int) -> list[int]:
+    """Busy loops (one per CPU of `amount`) or one process writing `amount` MiB."""
+    pids = []
+    for _ in range(amount if resource == "cpus" else 1):
+        pid = os.fork()
+        if pid == 0:
+            if resource == "memory":
+                held = b"x" * (amount << 20)  # written, so resident
+                while held:
+                    time.sleep(3600)
+            while True:
+                pass
+        pids.append(pid)
+    return pids
+
+
+def stop_load(pids: list[int]) -> None:
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+
+
+def agent_events(log: Path, offset: int) -> list[tuple[float, str]]:
+    """The agent's log lines from `offset` on: (time on this clock, message)."""
+    with log.open("rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    events = []
+    for line in text.splitlines():
+        match = LOG_LINE.match(line)
+        if match:
+            when = datetime.datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
+            events.append((when.timestamp(), match[2]))
+    return events
+
+
+def first(events: list[tuple[float, str]], pattern: str, after: float) -> float | None:
+    wanted = re.compile(pattern)
+    return next((t for t, msg in events if t >= after and wanted.search(msg)), None)
+
+
+def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> dict[str, object]:
+    offset = args.log.stat().st_size
+    step = time.time()
+    pids = start_load(args.resource, args.amount)
+    try:
+        seen = until(lambda: online(args.resource) > base_online, GROW_TIMEOUT_SECONDS, "growth")
+    finally:
+        stop_load(pids)
+    time.sleep(0.5)  # the agent logs its grant and onlining after the write itself
+    events = agent_events(args.log, offset)
+    # Log times have millisecond resolution: the step may read up to 1 ms late.
+    decided = first(events, rf"^decision {args.resource} grow", step - 0.001)
+    granted = first(events, r"^grant \d+: may hold", decided or step)
+    return {
+        "resource": args.resource,
+        "step": step,
+        "decided": decided,
+        "granted": granted,
+        "online": seen,
+        "plugged_before": base_present,
+        "plugged_after": present(args.resource),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--resource", choices=("cpus", "memory"), required=True)
+    parser.add_argument("--amount", type=int, required=True, help="busy loops, or MiB")
+    parser.add_argument("--runs", type=int, required=True)
+    parser.add_argument("--log", type=Path, required=True, help="the agent's log")
+    parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per run")
+    parser.add_argument("--go", type=Path, required=True, help="start once this exists")
+    args = parser.parse_args()
+    until(args.go.exists, 600, str(args.go))
+    base_online, base_present = online(args.resource), present(args.resource)
+    for run in range(args.runs):
+        # At rest: back to the boot size (and unplugged again), and quiet.
+        def rested() -> bool:
+            return online(args.resource) == base_online and present(args.resource) == base_present
+
+        until(rested, REST_TIMEOUT_SECONDS, f"rest before run {run}")
+        time.sleep(QUIET_SECONDS)
+        result = run_once(args, base_online, base_present)
+        with args.out.open("a") as f:
+            f.write(json.dumps({"run": run, **result}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,305 @@
+"""Reaction on a real VM: from a load step inside the guest to the new CPU or
+memory online, split into detection, negotiation, hot-plug and onlining.
+
+    PYTHONPATH=tests .venv/bin/python -m bench.vm_reaction [--runs 10] [--quick]
+
+Each case boots its own guest (Debian 12's kernel under QEMU TCG, the agent
+inside, the broker in this process over QMP: the rig of the real-VM tests).
+`bench/guest_reaction.py` runs in the guest: it steps the load, times the
+agent's decision, the grant reaching it and the resource appearing online, on
+the guest's clock, then waits for the guest to shrink back before the next run.
+The hot-plug time comes from the broker's `vmtide_broker_hotplug_seconds`
+histogram, read after each run (host clock). Negotiation is what is left
+between the decision and the grant: the request and the grant crossing QEMU's
+user network, the broker's arbitration, and gRPC in the guest.
+
+Cases: a CPU that must be hot-plugged; a standby CPU (present, offline: booted
+with `maxcpus=1`) that needs only a grant; memory through virtio-mem and
+through a pc-dimm. The report goes to docs/bench/reaction.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+from vm.build_image import ensure_image
+from vm.harness import VMOptions, VMs
+from vm.rig import GiB, ListHandler, Rig, free_port
+
+from bench.machine import describe_machine
+from broker.config import PoolConfig
+
+REPO = Path(__file__).resolve().parents[1]
+GUEST_DRIVER = REPO / "bench" / "guest_reaction.py"
+POOL = PoolConfig(cpus=8, memory_bytes=16 * GiB)
+# Boot plus the agent's imports under TCG, then every run's growth and shrink.
+CONNECT_TIMEOUT_SECONDS = 180.0
+RUN_TIMEOUT_SECONDS = 400.0
+
+# The agent's defaults (docs/policy.md) but for the shrink windows, so a run
+# ends in seconds rather than minutes; growth is what is measured.
+AGENT_CONFIG = """
+[agent]
+guest_id = "{name}"
+sensing_interval_seconds = %(interval)s
+[broker]
+target = "10.0.2.2:{port}"
+reconnect_min_seconds = 0.5
+reconnect_max_seconds = 2.0
+[limits.cpus]
+minimum = 1
+maximum = 4
+[limits.memory]
+minimum_bytes = "1GiB"
+maximum_bytes = "3GiB"
+[metrics]
+enabled = false
+[policy.cpu]
+shrink_window_seconds = 5.0
+shrink_interval_seconds = 1.0
+shrink_step_ratio = 1.0
+[policy.memory]
+shrink_window_seconds = 5.0
+shrink_interval_seconds = 1.0
+shrink_step_ratio = 1.0
+"""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    what: str
+    resource: str  # "cpus" or "memory"
+    amount: int  # busy loops, or MiB written
+    options: VMOptions
+
+
+CASES = (
+    Case("cpu-hotplug", "CPU, hot-plugged", "cpus", 2, VMOptions()),
+    Case(
+        "cpu-standby",
+        "CPU, standby (present, offline)",
+        "cpus",
+        2,
+        VMOptions(cpus=4, maxcpus=4, kernel_args=("maxcpus=1",)),
+    ),
+    Case("memory-virtio-mem", "memory, virtio-mem", "memory", 700, VMOptions(virtio_mem="2G")),
+    Case("memory-dimm", "memory, pc-dimm", "memory", 700, VMOptions()),
+)
+QUICK_CASES = ("cpu-hotplug", "memory-virtio-mem")
+
+PHASES = ("detection", "negotiation", "hotplug", "onlining", "total")
+
+
+def scrape_hotplug(port: int, guest: str, resource: str) -> tuple[float, float]:
+    """(sum, count) of the broker's hot-plug histogram for one guest and resource."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    total = count = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name != "vmtide_broker_hotplug_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("guest") != guest or sample.labels.get("resource") != resource:
+                continue
+            if sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_count"):
+                count = sample.value
+    return total, count
+
+
+def phases(run: dict[str, float | None], hotplug: float) -> dict[str, float] | None:
+    """A run's phases in seconds, or None when the agent's log missed a step."""
+    step, decided, granted, seen = run["step"], run["decided"], run["granted"], run["online"]
+    if step is None or decided is None or granted is None or seen is None:
+        return None
+    return {
+        "detection": max(decided - step, 0.0),
+        "negotiation": max(granted - decided - hotplug, 0.0),
+        "hotplug": hotplug,
+        "onlining": max(seen - granted, 0.0),
+        "total": seen - step,
+    }
+
+
+async def measure(case: Case, runs: int, interval: float, workdir: Path) -> list[dict[str, float]]:
+    port = free_port()
+    made = Rig(workdir, POOL, metrics_port=port)
+    results: list[dict[str, float]] = []
+    with VMs(ensure_image(), workdir) as vms, ListHandler(made.log):
+        share_cmd = " ".join(
+            shlex.quote(str(a))
+            for a in (
+                "--resource", case.resource, "--amount", case.amount, "--runs", runs,
+            )
+        )  # fmt: skip
+        script = (
+            "S=$VMTIDE_SHARE\n"
+            "{venv}/vmtide-agent run --config $S/agent.toml >> $S/agent.log 2>&1 &\n"
+            f"{{venv}}/python {GUEST_DRIVER} {share_cmd} --log $S/agent.log "
+            "--out $S/results.jsonl --go $S/go\n"
+        )
+        setup = await made.add(
+            vms,
+            case.name,
+            case.options,
+            script=script,
+            agent_config=AGENT_CONFIG % {"interval": interval},
+        )
+        made.start_broker()
+        try:
+            await setup.until(
+                lambda: setup.state().get("connected", False),
+                CONNECT_TIMEOUT_SECONDS,
+                "the agent to connect",
+            )
+            (setup.vm.share / "go").touch()
+            out = setup.vm.share / "results.jsonl"
+            before = scrape_hotplug(port, case.name, case.resource)
+            deadline = time.monotonic() + RUN_TIMEOUT_SECONDS * runs
+            while len(results) < runs:
+                lines = out.read_text().splitlines() if out.exists() else []
+                if len(lines) > len(results):
+                    after = scrape_hotplug(port, case.name, case.resource)
+                    hotplug = after[0] - before[0] if after[1] > before[1] else 0.0
+                    before = after
+                    raw = json.loads(lines[len(results)])
+                    measured = phases(raw, hotplug)
+                    if measured is None:
+                        raise AssertionError(
+                            f"{case.name}: the agent's log missed a step: {raw}\n"
+                            + _tail(setup.vm.share / "agent.log")
+                        )
+                    results.append(measured)
+                    print(f"  {case.name} run {len(results)}/{runs}: " + _fmt(measured))
+                    continue
+                if time.monotonic() > deadline or setup.vm.script_status() is not None:
+                    raise AssertionError(
+                        setup.vm.explain(
+                            f"{case.name}: {len(results)} of {runs} runs; agent log:\n"
+                            + _tail(setup.vm.share / "agent.log")
+                        )
+                    )
+                await asyncio.sleep(0.2)
+        finally:
+            (setup.vm.share / "stop").touch()
+            await made.stop_broker()
+    return results
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(path.read_text().splitlines()[-lines:]) if path.exists() else "(none)"
+
+
+def _fmt(measured: dict[str, float]) -> str:
+    return ", ".join(f"{p} {measured[p]:.2f} s" for p in PHASES)
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile: with few runs p99 is the slowest run."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))
+    return ordered[int(rank) - 1]
+
+
+def report(
+    results: dict[str, list[dict[str, float]]], runs: int, interval: float, command: str
+) -> str:
+    lines = [
+        "# Reaction on a real VM",
+        "",
+        "From a load step inside a real guest to the new CPU or memory block online.",
+        "Each run steps the load, waits for growth, drops the load and waits for the",
+        "guest to shrink back (and the broker to unplug) before the next run.",
+        "",
+        f"- Command: `{command}`",
+        f"- Machine: {describe_machine()}",
+        f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+        f"- Guest: Debian 12 kernel under QEMU {_qemu_version()} with TCG (no KVM here),",
+        "  1 vCPU of 4 and 1 GiB (the standby case boots 4 vCPUs with `maxcpus=1`).",
+        f"- Agent: defaults but `sensing_interval_seconds = {interval}` and 5 s shrink windows;",
+        "  broker in the benchmark process, QMP backend, pool far above the guest's maximum.",
+        f"- Runs per case: {runs}. p99 is the nearest rank: with few runs, the slowest.",
+        "",
+        "Phases: **detection** (load step to the agent's grow decision, guest clock),",
+        "**negotiation** (decision to the grant reaching the agent, less the hot-plug),",
+        "**hotplug** (the broker's QMP commands and QEMU's answers, host clock),",
+        "**onlining** (grant to the resource online in sysfs, guest clock).",
+        "Detection, onlining and the guest's share of negotiation run inside the guest,",
+        "emulated by TCG, several times slower than under KVM; the hot-plug runs on the host.",
+        "",
+        "| case | phase | p50 (s) | p99 (s) | min (s) | max (s) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for case in CASES:
+        got = results.get(case.name)
+        if not got:
+            continue
+        for phase in PHASES:
+            values = [r[phase] for r in got]
+            lines.append(
+                f"| {case.what} | {phase} | {statistics.median(values):.2f} | "
+                f"{percentile(values, 99):.2f} | {min(values):.2f} | {max(values):.2f} |"
+            )
+    lines += ["", "Raw runs (seconds):", "", "```", json.dumps(results, indent=1), "```", ""]
+    return "\n".join(lines)
+
+
+def _qemu_version() -> str:
+    import subprocess
+
+    out = subprocess.run(
+        ["qemu-system-x86_64", "--version"], capture_output=True, text=True, check=False
+    ).stdout
+    return out.split("version")[1].split()[0] if "version" in out else "(unknown)"
+
+
+async def run(args: argparse.Namespace) -> dict[str, list[dict[str, float]]]:
+    results: dict[str, list[dict[str, float]]] = {}
+    names = args.case or (QUICK_CASES if args.quick else [c.name for c in CASES])
+    for case in CASES:
+        if case.name not in names:
+            continue
+        print(f"{case.name}: booting a guest, {args.runs} runs ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="vmtide-bench-") as tmp:
+            results[case.name] = await measure(case, args.runs, args.interval, Path(tmp))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--interval", type=float, default=1.0, help="agent sensing interval")
+    parser.add_argument("--case", action="append", choices=[c.name for c in CASES])
+    parser.add_argument("--quick", action="store_true", help="one run of two cases (CI)")
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.runs = 1
+    command = "PYTHONPATH=tests .venv/bin/python -m bench.vm_reaction " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
+    )
+    results = asyncio.run(run(args))
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "reaction-quick.md" if args.quick else "reaction.md"
+    (args.out / name).write_text(report(results, args.runs, args.interval, command.strip()))
+    print(f"report: {args.out / name}  ({platform.node()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
