@@ -13,401 +13,62 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import socket
 import subprocess
-import sys
-import threading
-import time
-import urllib.parse
-import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from prom_helpers import (
+    SCRAPED_SECONDS,
+    GiB,
+    Stack,
+    StackConfig,
+    http_get,
+    promql,
+    running_prometheus,
+    running_stack,
+    settled,
+    tool,
+    values,
+    wait_for,
+)
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from agent.kernel import Kernel
 from agent.metrics import AgentMetrics
 from agent.topology import Topology
 from broker.metrics import BrokerMetrics
-from vmtide.fakesys import FakeGuest, Load
+from vmtide.fakesys import FakeGuest
 
 REPO = Path(__file__).resolve().parent.parent
 RULES = REPO / "packaging" / "prometheus" / "vmtide.rules.yml"
 RULES_TESTS = REPO / "packaging" / "prometheus" / "vmtide.rules.test.yml"
 METRICS_DOC = REPO / "docs" / "metrics.md"
 
-T = TypeVar("T")
-
-MiB = 1 << 20
-GiB = 1 << 30
-
-# The simulated guest: 2 of 4 possible CPUs and 8 blocks of 128 MiB online. Its
-# load stays light and the policy's default shrink windows are minutes long, so
-# nothing changes size while the tests look.
-POSSIBLE_CPUS = 4
-BOOT_CPUS = 2
-BOOT_BLOCKS = 8
-BLOCK_SIZE = 128 * MiB
-POOL_CPUS = 4
-POOL_MEMORY = 4 * GiB
-IDLE = Load(cpus=0.3, memory_bytes=400 * MiB)
-# The guest's clock advances this often. The agent's PSI triggers are written
-# into the fake /proc/pressure files (they are plain files here), which breaks
-# them for the agent's own reads until the next tick rewrites them.
-TICK_SECONDS = 0.1
-
-# Python daemons import grpc in about a second; a loaded CI host gets margin.
-DAEMON_START_SECONDS = 20.0
-# Prometheus opens its TSDB and serves /-/ready within a second or two.
-PROMETHEUS_START_SECONDS = 20.0
-# Scrapes run every second; a query sees a new value within a few of them.
-SCRAPE_INTERVAL = "1s"
-SCRAPED_SECONDS = 15.0
-STOP_SECONDS = 10.0
-POLL_SECONDS = 0.1
-HTTP_TIMEOUT_SECONDS = 2.0
-
-
-# ------------------------------------------------------------------- helpers
-
-
-def tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        pytest.skip(f"{name} is not installed (Debian package prometheus; .ci/run installs it)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
-
-
-def http_get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_SECONDS) as response:
-        body: bytes = response.read()
-    return body
-
-
-def wait_for(probe: Callable[[], T], done: Callable[[T], bool], timeout: float, what: str) -> T:
-    """Poll `probe` until `done(result)`; fail naming what never happened and the last result."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
-        try:
-            result = probe()
-        except (OSError, ValueError) as err:  # not listening yet, a half-written reply
-            last = err
-        else:
-            if done(result):
-                return result
-            last = result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}; last: {last!r}")
-        time.sleep(POLL_SECONDS)
-
-
-class Process:
-    """A child process with its output in a log file, stopped by its own pid."""
-
-    def __init__(self, name: str, args: Sequence[str], log: Path) -> None:
-        self.name = name
-        self.log = log
-        # If pytest itself is killed, the kernel kills the child (as tests/vm does).
-        setpriv = shutil.which("setpriv")
-        prefix = [setpriv, "--pdeathsig", "KILL"] if setpriv else []
-        with log.open("wb") as out:
-            self.popen = subprocess.Popen(
-                [*prefix, *args], stdout=out, stderr=subprocess.STDOUT, cwd=REPO
-            )
-
-    def check_running(self) -> None:
-        if self.popen.poll() is not None:
-            raise AssertionError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(STOP_SECONDS)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(STOP_SECONDS)
-
-
-class Ticker:
-    """Advances the simulated guest's clock under a light load, in a thread."""
-
-    def __init__(self, guest: FakeGuest) -> None:
-        self._guest = guest
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="guest-clock", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        last = time.monotonic()
-        while not self._stop.wait(TICK_SECONDS):
-            now = time.monotonic()
-            self._guest.tick(now - last, IDLE)
-            last = now
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(STOP_SECONDS)
-
-
-# ---------------------------------------------------------- the running stack
-
-
-BROKER_TOML = """\
-[broker]
-state_file = "{workdir}/broker.json"
-arbitrate_interval_seconds = 0.5
-max_requests_per_second = 50.0
-metrics_address = "127.0.0.1"
-metrics_port = {metrics_port}
-
-[pool]
-cpus = {pool_cpus}
-memory_bytes = {pool_memory}
-
-[[guests]]
-id = "g1"
-listen = "unix:{workdir}/g1.sock"
-backend = "simulated"
-simulated_root = "{root}"
-[guests.cpus]
-minimum = 1
-maximum = {possible_cpus}
-[guests.memory]
-minimum_bytes = "1GiB"
-maximum_bytes = "2GiB"
-"""
-
-AGENT_TOML = """\
-[agent]
-guest_id = "g1"
-sensing_interval_seconds = 0.2
-rescan_interval_seconds = 1.0
-sysfs_root = "{root}/sys"
-procfs_root = "{root}/proc"
-simulated_kernel = true
-lock_memory = false
-
-[broker]
-target = "unix:{workdir}/g1.sock"
-reconnect_min_seconds = 0.1
-reconnect_max_seconds = 0.5
-
-[limits.cpus]
-minimum = 1
-maximum = {possible_cpus}
-
-[limits.memory]
-minimum_bytes = "1GiB"
-maximum_bytes = "2GiB"
-
-[metrics]
-enabled = true
-address = "127.0.0.1"
-port = {metrics_port}
-"""
-
-
-@dataclass(frozen=True)
-class Stack:
-    guest: FakeGuest
-    agent_address: str  # host:port of /metrics
-    broker_address: str
-
-    def exposition(self, address: str) -> str:
-        return http_get(f"http://{address}/metrics").decode()
-
-
-def samples(text: str) -> dict[str, float]:
-    """Exposition text to {'name{label="value",...}': value}, labels sorted."""
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found
+# The simulated guest (tests/prom_helpers.py): 2 of 4 possible CPUs and 8 blocks
+# of 128 MiB online, a light load, nothing changes size while the tests look.
+CONFIG = StackConfig()
+POSSIBLE_CPUS = CONFIG.possible_cpus
+BOOT_CPUS = CONFIG.boot_cpus
+BOOT_BLOCKS = CONFIG.boot_blocks
+BLOCK_SIZE = CONFIG.block_size
+POOL_CPUS = CONFIG.pool_cpus
+POOL_MEMORY = CONFIG.pool_memory
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     tool("promtool")  # no point in starting daemons nobody checks
-    workdir = tmp_path_factory.mktemp("prom")
-    root = workdir / "g1"
-    guest = FakeGuest(
-        root,
-        possible_cpus=POSSIBLE_CPUS,
-        boot_cpus=BOOT_CPUS,
-        block_size=BLOCK_SIZE,
-        boot_blocks=BOOT_BLOCKS,
-    )
-    agent_port, broker_port = free_port(), free_port()
-    common = {"workdir": workdir, "root": root, "possible_cpus": POSSIBLE_CPUS}
-    (workdir / "broker.toml").write_text(
-        BROKER_TOML.format(
-            **common, metrics_port=broker_port, pool_cpus=POOL_CPUS, pool_memory=POOL_MEMORY
-        )
-    )
-    (workdir / "agent.toml").write_text(AGENT_TOML.format(**common, metrics_port=agent_port))
-    ticker = Ticker(guest)
-    processes: list[Process] = []
-    try:
-        processes.append(
-            Process(
-                "vmtide-broker",
-                [
-                    sys.executable,
-                    "-m",
-                    "broker.cli",
-                    "run",
-                    "--config",
-                    str(workdir / "broker.toml"),
-                ],
-                workdir / "broker.log",
-            )
-        )
-        processes.append(
-            Process(
-                "vmtide-agent",
-                [sys.executable, "-m", "agent.cli", "run", "--config", str(workdir / "agent.toml")],
-                workdir / "agent.log",
-            )
-        )
-        result = Stack(guest, f"127.0.0.1:{agent_port}", f"127.0.0.1:{broker_port}")
-
-        def scrape(address: str) -> dict[str, float]:
-            for process in processes:
-                process.check_running()
-            return samples(result.exposition(address))
-
-        try:
-            wait_for(
-                lambda: scrape(result.agent_address),
-                lambda s: (
-                    s.get("vmtide_agent_broker_connected") == 1
-                    and s.get('vmtide_agent_sensing_cycles_total{result="ok"}', 0) > 0
-                ),
-                DAEMON_START_SECONDS,
-                "the agent's metrics to show a broker session and a sensing cycle",
-            )
-            wait_for(
-                lambda: scrape(result.broker_address),
-                lambda s: s.get('vmtide_broker_guest_connected{guest="g1"}') == 1,
-                DAEMON_START_SECONDS,
-                "the broker's metrics to show the guest connected",
-            )
-        except AssertionError as err:
-            logs = "".join(f"\n--- {p.name} ({p.log}):\n{p.tail()}" for p in processes)
-            raise AssertionError(f"{err}{logs}") from err
+    with running_stack(tmp_path_factory.mktemp("prom"), CONFIG) as result:
         yield result
-    finally:
-        for process in reversed(processes):
-            process.stop()
-        ticker.stop()
-
-
-def promql(base: str, query: str) -> list[dict[str, Any]]:
-    url = f"{base}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    reply: dict[str, Any] = json.loads(http_get(url))
-    assert reply["status"] == "success", reply
-    assert reply["data"]["resultType"] == "vector", reply
-    result: list[dict[str, Any]] = reply["data"]["result"]
-    return result
-
-
-def values(result: list[dict[str, Any]]) -> list[float]:
-    return [float(item["value"][1]) for item in result]
 
 
 @pytest.fixture(scope="module")
 def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real Prometheus scraping the stack every second with vmtide's rules; its base URL."""
-    binary = tool("prometheus")
-    workdir = tmp_path_factory.mktemp("prometheus")
-    port = free_port()
-    config = {  # JSON is YAML
-        "global": {
-            "scrape_interval": SCRAPE_INTERVAL,
-            "scrape_timeout": SCRAPE_INTERVAL,
-            "evaluation_interval": SCRAPE_INTERVAL,
-        },
-        "rule_files": [str(RULES)],
-        "scrape_configs": [
-            {"job_name": "vmtide-agent", "static_configs": [{"targets": [stack.agent_address]}]},
-            {"job_name": "vmtide-broker", "static_configs": [{"targets": [stack.broker_address]}]},
-        ],
-    }
-    config_file = workdir / "prometheus.yml"
-    config_file.write_text(json.dumps(config, indent=2))
-    server = Process(
-        "prometheus",
-        [
-            binary,
-            f"--config.file={config_file}",
-            f"--storage.tsdb.path={workdir / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        workdir / "prometheus.log",
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-
-        def ready() -> bytes:
-            server.check_running()
-            return http_get(f"{base}/-/ready")
-
-        try:
-            wait_for(ready, lambda _: True, PROMETHEUS_START_SECONDS, "Prometheus to be ready")
-            for job in ("vmtide-agent", "vmtide-broker"):
-                settled(base, f'up{{job="{job}"}}', 1)
-        except AssertionError as err:
-            raise AssertionError(
-                f"{err}\n--- targets: {scrape_errors(base)}\n{server.tail()}"
-            ) from err
+    with running_prometheus(tmp_path_factory.mktemp("prometheus"), stack, rules=RULES) as base:
         yield base
-    finally:
-        server.stop()
-
-
-def scrape_errors(base: str) -> str:
-    """What Prometheus says of each target's last scrape, for failure messages."""
-    try:
-        reply: dict[str, Any] = json.loads(http_get(f"{base}/api/v1/targets"))
-    except (OSError, ValueError) as err:
-        return f"(no answer: {err})"
-    return "; ".join(
-        f"{t['labels'].get('job')}: {t['health']} {t['lastError']}"
-        for t in reply["data"]["activeTargets"]
-    )
-
-
-def settled(base: str, query: str, expected: float) -> None:
-    """The query gives one series with `expected`, within a few scrapes."""
-    wait_for(
-        lambda: values(promql(base, query)),
-        lambda got: got == [expected],
-        SCRAPED_SECONDS,
-        f"{query} == {expected}",
-    )
 
 
 # ---------------------------------------------------------------------- tests
