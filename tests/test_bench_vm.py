@@ -1,0 +1,60 @@
+"""The benchmarks that run the real agent run in CI too, on a tiny input, so
+they never rot. No timing is asserted: only that each measures what it says."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_bench(module: str, out: Path, *args: str, timeout: float) -> str:
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--quick", "--out", str(out), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, f"{module} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_footprint_quick(tmp_path: Path) -> None:
+    run_bench("bench.footprint", tmp_path, timeout=240)
+    text = (tmp_path / "footprint-quick.md").read_text()
+    cpu = re.search(r"\| CPU, % of one core per window \| ([0-9.]+) \|", text)
+    rss = re.search(r"\| RSS, MiB \(per-window peak\) \| ([0-9.]+) \|", text)
+    assert cpu and rss, text
+    assert float(rss[1]) > 5  # a Python process with grpc loaded, really measured
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(600)
+def test_throughput_quick(tmp_path: Path) -> None:
+    run_bench("bench.vm_throughput", tmp_path, timeout=540)
+    text = (tmp_path / "throughput-quick.md").read_text()
+    # Both the bare loop and the agent brought the same 3 CPUs and 1 GiB online.
+    assert re.search(r"\| CPUs \| 3 \| [0-9.]+ CPUs/s \| [0-9.]+ CPUs/s \|", text), text
+    assert re.search(r"\| memory \| 1\.00 GiB \| [0-9.]+ GiB/s \| [0-9.]+ GiB/s \|", text), text
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(600)
+def test_reaction_quick(tmp_path: Path) -> None:
+    run_bench("bench.vm_reaction", tmp_path, "--case", "cpu-hotplug", timeout=540)
+    text = (tmp_path / "reaction-quick.md").read_text()
+    total = re.search(r"\| CPU, hot-plugged \| total \| ([0-9.]+) \|", text)
+    assert total and float(total[1]) > 0, text
+    hotplug = re.search(r"\| CPU, hot-plugged \| hotplug \| ([0-9.]+) \|", text)
+    assert hotplug and float(hotplug[1]) > 0, text  # QEMU really hot-plugged a vCPU
