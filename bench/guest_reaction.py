@@ -145,6 +145,25 @@ def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> d
     }
 
 
+def wait_for_rest(log: Path, rested: Callable[[], bool], what: str) -> None:
+    """Back to the boot size (and unplugged again), and quiet: no change and no
+    grow decision for QUIET_SECONDS (an agent starting under TCG sees its own
+    start-up as load, and grows for it)."""
+    deadline = time.monotonic() + REST_TIMEOUT_SECONDS
+    while True:
+        until(rested, max(0.0, deadline - time.monotonic()), what)
+        offset = log.stat().st_size
+        quiet_until = time.monotonic() + QUIET_SECONDS
+        while rested() and time.monotonic() < quiet_until:
+            time.sleep(POLL_SECONDS * 10)
+        events = agent_events(log, offset)
+        grew = any(msg.startswith("decision") and " grow " in msg for _, msg in events)
+        if rested() and not grew:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {REST_TIMEOUT_SECONDS:.0f} s waiting for {what}")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--resource", choices=("cpus", "memory"), required=True)
@@ -156,13 +175,12 @@ def main() -> int:
     args = parser.parse_args()
     until(args.go.exists, 600, str(args.go))
     base_online, base_present = online(args.resource), present(args.resource)
-    for run in range(args.runs):
-        # At rest: back to the boot size (and unplugged again), and quiet.
-        def rested() -> bool:
-            return online(args.resource) == base_online and present(args.resource) == base_present
 
-        until(rested, REST_TIMEOUT_SECONDS, f"rest before run {run}")
-        time.sleep(QUIET_SECONDS)
+    def rested() -> bool:
+        return online(args.resource) == base_online and present(args.resource) == base_present
+
+    for run in range(args.runs):
+        wait_for_rest(args.log, rested, f"rest before run {run}")
         result = run_once(args, base_online, base_present)
         with args.out.open("a") as f:
             f.write(json.dumps({"run": run, **result}) + "\n")
