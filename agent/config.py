@@ -6,6 +6,7 @@ whose limits the host also enforces. See docs/configuration.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,6 +76,8 @@ class BrokerSection:
             raise ValueError("target: must not be empty")
         if not 0 < self.reconnect_min_seconds <= self.reconnect_max_seconds:
             raise ValueError("reconnect_min_seconds: must be positive and at most the max")
+        if not 0 < self.request_retry_seconds < math.inf:
+            raise ValueError("request_retry_seconds: must be positive and finite")
         if self.tls and (self.cert_file is None) != (self.key_file is None):
             raise ValueError("cert_file: a client certificate needs both cert_file and key_file")
 
@@ -128,8 +131,8 @@ class MemorySection:
     offline_timeout_seconds: float = MEMORY_OFFLINE_TIMEOUT_SECONDS
 
     def __post_init__(self) -> None:
-        if self.offline_timeout_seconds <= 0:
-            raise ValueError("offline_timeout_seconds: must be positive")
+        if not 0 < self.offline_timeout_seconds < math.inf:
+            raise ValueError("offline_timeout_seconds: must be positive and finite")
 
 
 @dataclass(frozen=True)

@@ -635,11 +635,14 @@ class Agent:
         )
         results, note = await self.release(target, time.monotonic() + deadline_s)
         # The broker's decision stands even where the kernel refused: the
-        # guest will not grow back into it, and the Ack says what stayed.
+        # guest will not grow back into it, and the Ack says what stayed. A
+        # reclaim only lowers: a field above what was granted keeps the grant
+        # (a rise comes as a Grant), and nothing goes below the minimum.
         floor = self.limits
+        held = self.entitlement or Amount(self.topo.online_cpus, self.topo.online_memory_bytes)
         self.entitlement = Amount(
-            max(target.cpus, floor.cpus.minimum),
-            max(target.memory_bytes, floor.memory.minimum),
+            max(min(target.cpus, held.cpus), floor.cpus.minimum),
+            max(min(target.memory_bytes, held.memory_bytes), floor.memory.minimum),
         )
         if note:
             log.warning("reclaim %d: %s", reclaim.reclaim_id, note)

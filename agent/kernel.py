@@ -38,6 +38,10 @@ MEMORY_OFFLINE_TIMEOUT_SECONDS = 10.0
 # still alive after this is abandoned rather than blocking the agent.
 WORKER_KILL_GRACE_SECONDS = 5.0
 
+# Far above any kernel's NR_CPUS (8192 on x86 with MAXSMP).
+MAX_CPUS = 1 << 16
+
+_DIGITS = re.compile(r"[0-9]+")
 _CPU_NAME = re.compile(r"cpu(\d+)")
 _BLOCK_NAME = re.compile(r"memory(\d+)")
 _NODE_NAME = re.compile(r"node(\d+)")
@@ -202,11 +206,14 @@ def parse_cpu_list(text: str) -> frozenset[int]:
         if not part:
             continue
         first, sep, last = part.partition("-")
-        if not first.isdigit() or (sep and not last.isdigit()):
+        if not _DIGITS.fullmatch(first) or (sep and not _DIGITS.fullmatch(last)):
             raise ValueError(f"bad CPU list entry {part!r} in {text.strip()!r}")
         start, end = int(first), int(last) if sep else int(first)
         if end < start:
             raise ValueError(f"descending CPU range {part!r}")
+        if end >= MAX_CPUS:
+            # Bounds the set built below: "0-99999999999" would exhaust memory.
+            raise ValueError(f"CPU {end} in {part!r} is beyond any kernel's {MAX_CPUS} CPUs")
         cpus.update(range(start, end + 1))
     return frozenset(cpus)
 
@@ -396,16 +403,29 @@ class Kernel:
 
     def online_block(self, index: int, how: OnlineType = OnlineType.MOVABLE) -> ItemResult:
         """Online one memory block, by default into ZONE_MOVABLE so it can be given back."""
-        block = self.memory_block(index)
-        if block is None:
+        path = self._memory / f"memory{index}" / "state"
+        # Only the state: valid_zones makes the kernel walk the block's zones,
+        # which costs more than the check is worth on the growth path.
+        try:
+            state = path.read_text().strip()
+        except OSError as err:
+            if isinstance(err, FileNotFoundError) or err.errno == errno.ENODEV:
+                return ItemResult(
+                    Kind.MEMORY_BLOCK,
+                    index,
+                    Action.ONLINE,
+                    Outcome.NOT_FOUND,
+                    errno.ENOENT,
+                    "vanished",
+                )
+            code = err.errno or errno.EIO
             return ItemResult(
-                Kind.MEMORY_BLOCK, index, Action.ONLINE, Outcome.NOT_FOUND, errno.ENOENT, "vanished"
+                Kind.MEMORY_BLOCK, index, Action.ONLINE, Outcome.REFUSED, code, os.strerror(code)
             )
-        if block.online:
+        if state == BlockState.ONLINE.value:
             # Writing "online" to an online block fails with EINVAL
             # (drivers/base/memory.c state_store), so do not write.
             return ItemResult(Kind.MEMORY_BLOCK, index, Action.ONLINE, Outcome.ALREADY)
-        path = self._memory / f"memory{index}" / "state"
         return self._write(Kind.MEMORY_BLOCK, index, Action.ONLINE, path, how.value, None)
 
     def offline_block(

@@ -192,7 +192,7 @@ def parse_stat(text: str, path: Path | str = "/proc/stat") -> Stat:
                 aggregate = _cpu_jiffies(path, lineno, line, fields)
                 continue
             digits = name[3:]
-            if not digits.isdigit():
+            if not (digits.isascii() and digits.isdigit()):
                 raise ProcParseError(path, f"line {lineno}: bad CPU name {name!r}")
             per_cpu[int(digits)] = _cpu_jiffies(path, lineno, line, fields)
         elif line.startswith("procs_running"):

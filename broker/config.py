@@ -25,12 +25,14 @@ burst_bytes = "12GiB"
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmtide.config import ConfigError, build, load_toml
 
 DEFAULT_PATH = Path("/etc/vmtide/broker.toml")
+_MAX_DEADLINE_SECONDS = ((1 << 32) - 1) // 1000
 GiB = 1 << 30
 
 
@@ -97,6 +99,9 @@ class GuestConfig:
             raise ValueError('simulated_root: required with backend = "simulated"')
         if self.reclaim_deadline_seconds <= 0:
             raise ValueError("reclaim_deadline_seconds: must be positive")
+        if self.reclaim_deadline_seconds > _MAX_DEADLINE_SECONDS:
+            # Reclaim.deadline_ms is a uint32 of milliseconds.
+            raise ValueError(f"reclaim_deadline_seconds: must be at most {_MAX_DEADLINE_SECONDS}")
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,14 @@ class BrokerSection:
     metrics_port: int = 9475
 
     def __post_init__(self) -> None:
+        size = self.block_size_bytes
+        if size <= 0 or size & (size - 1):
+            raise ValueError(f"block_size_bytes: {size} is not a power of two")
+        for name in ("arbitrate_interval_seconds", "max_requests_per_second"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name}: must be positive and finite")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ValueError(f"metrics_port: {self.metrics_port} is not a TCP port")
         if self.tls_listen and not (
             self.tls_cert_file and self.tls_key_file and self.tls_client_ca_file
         ):

@@ -40,6 +40,15 @@ _ACK_GRACE_SECONDS = 5.0
 # A guest that could not give everything back (pinned pages, EBUSY) is not
 # asked again at once: the kernel would refuse the same blocks again.
 SHORT_RECLAIM_BACKOFF_SECONDS = 30.0
+# How long a session's opening waits for the hypervisor to say what is plugged.
+_PLUGGED_TIMEOUT_SECONDS = 5.0
+# Listed memory blocks may exceed plugged bytes by partial blocks (RAM
+# regions and devices that do not end on a block boundary): this many.
+_PLUGGED_SLACK_BLOCKS = 4
+# A guest names the request's urgency; an unknown value is logged as a number.
+_URGENCIES = {value: name for name, value in pb.Urgency.items()}
+# A request's reason is the guest's words: only this much of it reaches the log.
+_REASON_CHARS = 200
 
 
 @dataclass
@@ -68,6 +77,8 @@ class GuestRecord:
     last_request_at: float = 0.0
     last_grant_id: int = 0  # the latest Grant sent in this session
     reclaim_backoff_until: float = 0.0
+    # The newest request that came over the rate limit, taken up in its turn.
+    deferred_request: pb.ResourceRequest | None = None
 
     @property
     def id(self) -> str:
@@ -148,6 +159,40 @@ class Broker:
 
     # --------------------------------------------------------------- sessions
 
+    async def check_plugged(self, guest_id: str, hello: pb.Hello) -> str | None:
+        """Why a Hello's topology cannot be true of what the hypervisor has
+        plugged into the guest, or None.
+
+        The Hello is the guest's word, and its books start from it: a guest
+        claiming CPUs or memory it does not have would hold capacity that
+        others need. What the hypervisor says bounds it; when the hypervisor
+        cannot answer, the Hello is believed (and the failure logged).
+        """
+        try:
+            state = await asyncio.wait_for(
+                self.guests[guest_id].backend.state(), _PLUGGED_TIMEOUT_SECONDS
+            )
+        except (BackendError, TimeoutError) as err:
+            log.warning(
+                "guest %s: cannot check its hello against the hypervisor: %s", guest_id, err
+            )
+            return None
+        present = len(hello.topology.cpus.present)
+        if present > len(state.cpus):
+            return (
+                f"topology: {present} CPUs present, but the hypervisor has plugged "
+                f"{len(state.cpus)}"
+            )
+        memory = hello.topology.memory
+        listed = len(memory.blocks) * memory.block_size_bytes
+        ceiling = state.max_memory_bytes + _PLUGGED_SLACK_BLOCKS * memory.block_size_bytes
+        if listed > ceiling:
+            return (
+                f"topology: {listed >> 20} MiB of memory blocks listed, but this guest "
+                f"can have at most {state.max_memory_bytes >> 20} MiB"
+            )
+        return None
+
     def open_session(
         self, guest_id: str, hello: pb.Hello
     ) -> tuple[GuestRecord, asyncio.Queue[pb.BrokerMessage | None]]:
@@ -163,6 +208,7 @@ class Broker:
         # reclaim in flight before the disconnect is over: its capacity is
         # either still online (counted) or gone.
         guest.pending.clear()
+        guest.deferred_request = None
         guest.entitled = guest.online
         guest.demand = guest.online
         guest.send(
@@ -216,8 +262,11 @@ class Broker:
             guest.last_report = message.report
             # The guest's kernel is the truth; a report also catches onlining
             # no Ack told of (a distribution's udev rule, a rescan).
-            guest.online = Amount(message.report.online_cpus, message.report.online_memory_bytes)
-            self.metrics.report(guest.id, message.report)
+            report = message.report
+            guest.online = self._believe(
+                guest, "report", report.online_cpus, report.online_memory_bytes
+            )
+            self.metrics.report(guest.id, report)
         elif body == "request":
             self._on_request(guest, message.request)
         elif body == "ack":
@@ -229,16 +278,32 @@ class Broker:
 
     def _on_request(self, guest: GuestRecord, request: pb.ResourceRequest) -> None:
         now = self._clock()
-        min_gap = 1.0 / self.config.broker.max_requests_per_second
-        if now - guest.last_request_at < min_gap:
+        rate = self.config.broker.max_requests_per_second
+        wait = self._request_wait(guest, now)
+        if wait > 0:
+            # Over the rate: the newest request waits for its turn and
+            # supersedes any that waited before it (requests are totals, so
+            # only the last one matters); one log line per wait, not per request.
             self.metrics.failure(guest.id, "rate_limited")
-            log.warning(
-                "guest %s: request %d ignored (over %.0f/s)",
-                guest.id,
-                request.request_id,
-                self.config.broker.max_requests_per_second,
-            )
+            if guest.deferred_request is None:
+                log.warning(
+                    "guest %s: request %d held back %.2f s (over %g requests/s)",
+                    guest.id,
+                    request.request_id,
+                    wait,
+                    rate,
+                )
+                asyncio.get_running_loop().call_later(wait, self.changed)
+            guest.deferred_request = request
             return
+        self._take_request(guest, request, now)
+
+    def _request_wait(self, guest: GuestRecord, now: float) -> float:
+        """Seconds before this guest's next request may be taken up."""
+        return guest.last_request_at + 1.0 / self.config.broker.max_requests_per_second - now
+
+    def _take_request(self, guest: GuestRecord, request: pb.ResourceRequest, now: float) -> None:
+        guest.deferred_request = None
         guest.last_request_at = now
         limits = guest.limits
         wanted = Amount(request.cpus, request.memory_bytes // guest.block_size * guest.block_size)
@@ -251,7 +316,18 @@ class Broker:
             min(max(wanted.memory, limits.minimum.memory), limits.burst.memory),
         )
         if demand != wanted:
-            log.info("guest %s: request %d clamped to its limits", guest.id, request.request_id)
+            log.info(
+                "guest %s: request %d for %d cpus, %d MiB clamped to its limits "
+                "(minimum %d cpus, %d MiB; burst %d cpus, %d MiB)",
+                guest.id,
+                request.request_id,
+                request.cpus,
+                request.memory_bytes >> 20,
+                limits.minimum.cpus,
+                limits.minimum.memory >> 20,
+                limits.burst.cpus,
+                limits.burst.memory >> 20,
+            )
         guest.demand = demand
         log.info(
             "guest %s: request %d for %d cpus, %d MiB (%s; %s)",
@@ -259,13 +335,37 @@ class Broker:
             request.request_id,
             demand.cpus,
             demand.memory >> 20,
-            pb.Urgency.Name(request.urgency),
-            request.reason,
+            _URGENCIES.get(request.urgency, f"urgency {request.urgency}"),
+            request.reason[:_REASON_CHARS],
         )
         self.changed()
 
+    def _believe(self, guest: GuestRecord, what: str, cpus: int, memory: int) -> Amount:
+        """What a guest says it has online, never more than is plugged into it.
+
+        A guest is untrusted: counted above what is plugged, it would hold
+        capacity it does not have and starve the others.
+        """
+        claimed = Amount(cpus, memory)
+        block = guest.block_size
+        plugged = Amount(len(guest.present_cpus), -(-guest.present_memory // block) * block)
+        if claimed.fits(plugged):
+            return claimed
+        self.metrics.failure(guest.id, "bad_message")
+        log.warning(
+            "guest %s: its %s claims %d cpus, %d MiB online, more than is plugged "
+            "(%d cpus, %d MiB); counting what is plugged",
+            guest.id,
+            what,
+            cpus,
+            memory >> 20,
+            plugged.cpus,
+            plugged.memory >> 20,
+        )
+        return claimed.min_each(plugged)
+
     async def _on_ack(self, guest: GuestRecord, ack: pb.Ack) -> None:
-        guest.online = Amount(ack.online_cpus, ack.online_memory_bytes)
+        guest.online = self._believe(guest, "ack", ack.online_cpus, ack.online_memory_bytes)
         if ack.WhichOneof("answers") != "reclaim_id":
             self.changed()
             return
@@ -284,13 +384,16 @@ class Broker:
                 if item.outcome in (pb.OUTCOME_REFUSED, pb.OUTCOME_TIMED_OUT):
                     self.metrics.failure(guest.id, "offline_refused")
                 continue
+            # Listed twice is offered once: the books subtract what the
+            # backend removed, item by item.
             if (
                 item.kind == pb.RESOURCE_KIND_CPU
                 and item.index in guest.present_cpus
                 and item.index
+                and item.index not in offline_cpus
             ):
                 offline_cpus.append(item.index)
-            elif item.kind == pb.RESOURCE_KIND_MEMORY_BLOCK:
+            elif item.kind == pb.RESOURCE_KIND_MEMORY_BLOCK and item.index not in offline_blocks:
                 offline_blocks.append(item.index)
         timeout = max(1.0, pending.deadline - self._clock())
         try:
@@ -308,6 +411,8 @@ class Broker:
             removed_cpus, removed_blocks = [], []
         guest.present_cpus = guest.present_cpus - set(removed_cpus)
         guest.present_memory -= len(removed_blocks) * guest.block_size
+        # What went is not online any more, whatever the Ack said.
+        guest.online = self._believe(guest, "ack", ack.online_cpus, ack.online_memory_bytes)
         del guest.pending[ack.reclaim_id]
         if not Amount(ack.online_cpus, ack.online_memory_bytes).fits(pending.target):
             guest.reclaim_backoff_until = self._clock() + SHORT_RECLAIM_BACKOFF_SECONDS
@@ -352,6 +457,11 @@ class Broker:
 
     async def rebalance(self) -> None:
         async with self._lock:
+            now = self._clock()
+            for guest in self.guests.values():
+                deferred = guest.deferred_request
+                if deferred is not None and self._request_wait(guest, now) <= 0:
+                    self._take_request(guest, deferred, now)
             self._expire_reclaims()
             views = [
                 GuestView(

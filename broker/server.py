@@ -69,11 +69,15 @@ class GuestServicer(pb_grpc.BrokerServicer):
         if self.bound_guest is not None:
             return self.bound_guest
         auth = context.auth_context()
-        for name in auth.get("x509_common_name", []):
-            guest = self.names.get(name.decode())
+        names = [name.decode(errors="replace") for name in auth.get("x509_common_name", [])]
+        for name in names:
+            guest = self.names.get(name)
             if guest is not None:
                 return guest
-        raise IdentityError("the client certificate names no configured guest")
+        raise IdentityError(
+            f"the client certificate's common name {', '.join(names) or '(none)'} "
+            "is no configured guest's tls_common_name"
+        )
 
     async def Session(  # noqa: N802  (gRPC method name)
         self,
@@ -99,18 +103,19 @@ class GuestServicer(pb_grpc.BrokerServicer):
         hello = first.hello
         if hello.guest_id and hello.guest_id != guest_id:
             self.broker.metrics.failure(guest_id, "refused_identity")
+            how = "listener" if self.bound_guest is not None else "client certificate"
             log.warning(
-                "refused a session from %s: it claims to be guest %r "
-                "but arrived on guest %r's listener",
+                "refused a session from %s: it claims to be guest %r but its %s is guest %r's",
                 peer,
                 hello.guest_id,
+                how,
                 guest_id,
             )
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
-                f"this listener serves guest {guest_id!r}, not {hello.guest_id!r}",
+                f"this {how} is guest {guest_id!r}'s, not {hello.guest_id!r}'s",
             )
-        problem = check_hello(hello)
+        problem = check_hello(hello) or await self.broker.check_plugged(guest_id, hello)
         if problem is not None:
             self.broker.metrics.failure(guest_id, "bad_message")
             log.warning("refused guest %s's hello: %s", guest_id, problem)

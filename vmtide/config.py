@@ -9,6 +9,8 @@ with units ("512MiB", "4G").
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import re
 import tomllib
 import types
@@ -20,6 +22,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -42,7 +45,10 @@ def parse_size(value: object) -> int:
         return value
     if isinstance(value, str) and (m := _SIZE.fullmatch(value)):
         unit = (m.group(2) or "").upper().rstrip("B").rstrip("I")
-        return int(float(m.group(1)) * _UNITS[unit])
+        size = float(m.group(1)) * _UNITS[unit]
+        if not math.isfinite(size):
+            raise ValueError(f"size {value!r} is too large")
+        return int(size)
     raise ValueError(f"expected a size such as 512MiB or 4GiB, got {value!r}")
 
 
@@ -54,6 +60,8 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(path, None, f"cannot read: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(path, None, f"not valid TOML: {err}") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(path, None, f"not UTF-8 text: {err}") from err
 
 
 def build(cls: type[T], table: Mapping[str, Any], *, file: str | Path, prefix: str = "") -> T:
@@ -66,6 +74,15 @@ def build(cls: type[T], table: Mapping[str, Any], *, file: str | Path, prefix: s
     if unknown:
         key = _join(prefix, unknown[0])
         raise ConfigError(file, key, f"unknown key (expected one of: {', '.join(sorted(fields))})")
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in table
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(file, _join(prefix, missing[0]), "required")
     values = {}
     for name, raw in table.items():
         key = _join(prefix, name)
@@ -82,6 +99,9 @@ def build(cls: type[T], table: Mapping[str, Any], *, file: str | Path, prefix: s
 
 
 def _join(prefix: str, name: str) -> str:
+    # A name that is not a bare TOML key is shown quoted, as TOML would write it.
+    if not _BARE_KEY.fullmatch(name):
+        name = json.dumps(name)
     return f"{prefix}.{name}" if prefix else name
 
 
@@ -112,7 +132,8 @@ def _convert(hint: Any, raw: Any, name: str, *, file: str | Path, key: str) -> A
                 raise ValueError(f"expected an integer, got {raw!r}")
             return raw
         if hint is float:
-            if isinstance(raw, bool) or not isinstance(raw, int | float):
+            # TOML has nan; no setting means it, and every comparison with it is false.
+            if isinstance(raw, bool) or not isinstance(raw, int | float) or math.isnan(raw):
                 raise ValueError(f"expected a number, got {raw!r}")
             return float(raw)
         if hint is str:
