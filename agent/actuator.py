@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Collection
 
+from agent.crashpoint import crash_point
 from agent.kernel import ItemResult, Kernel, OnlineType, Outcome
 from agent.topology import Topology
 
@@ -47,7 +48,9 @@ class Actuator:
         for cpu in sorted(c for c in topo.standby_cpus if only is None or c in only):
             if online >= target:
                 break
+            crash_point("online.before-write")
             result = self.kernel.set_cpu(cpu, online=True)
+            crash_point("online.after-write")
             results.append(result)
             online += result.ok
         return results
@@ -63,7 +66,9 @@ class Actuator:
         ):
             if online <= goal:
                 break
+            crash_point("offline.before-write")
             result = self.kernel.set_cpu(cpu.id, online=False)
+            crash_point("offline.after-write")
             results.append(result)
             online -= result.ok
         return results
@@ -78,6 +83,7 @@ class Actuator:
         for index in sorted(b for b in topo.standby_blocks if only is None or b in only):
             if online >= target_bytes:
                 break
+            crash_point("online.before-write")
             result = self.kernel.online_block(index, self.online_type)
             if (
                 result.outcome is Outcome.REFUSED
@@ -88,6 +94,7 @@ class Actuator:
                 # zones); take the kernel's choice rather than leave it unused.
                 log.info("memory%d cannot be movable; onlining it in the kernel's zone", index)
                 result = self.kernel.online_block(index, OnlineType.DEFAULT)
+            crash_point("online.after-write")
             results.append(result)
             online += topo.block_size * result.ok
         return results
@@ -112,7 +119,9 @@ class Actuator:
                 timeout = min(timeout, deadline - self._clock())
                 if timeout <= 0:
                     break
+            crash_point("offline.before-write")
             result = self.kernel.offline_block(block.index, timeout=timeout)
+            crash_point("offline.after-write")
             results.append(result)
             online -= topo.block_size * result.ok
         return results

@@ -30,6 +30,7 @@ from typing import Any
 from agent import policy
 from agent.actuator import Actuator
 from agent.config import AgentConfig
+from agent.crashpoint import crash_point
 from agent.kernel import Action, ItemResult, KernelReadError, Kind, Outcome
 from agent.metrics import AgentMetrics
 from agent.sensing import PressureWatch, Reading, Sensor
@@ -231,9 +232,37 @@ class Agent:
                 await self._contained("rescan", self.reconcile("rescan"))
 
     async def _uevent_loop(self, stop: asyncio.Event) -> None:
+        """A uevent only prompts a rescan, and a burst of them prompts one.
+
+        A large hot-add sends a uevent per block, and every rescan reads every
+        block: one rescan per event would fall further behind with each block
+        (5,000 events on 16 blocks took 40 s). Events that arrive during a
+        rescan are taken up together by the next one.
+        """
         assert self.uevents is not None
-        async for event in self.uevents.events(stop):
-            await self._contained(f"uevent {event}", self.on_uevent(event))
+        first: Uevent | None = None  # names the burst in the log
+        count = 0
+        wake = asyncio.Event()
+
+        async def rescan() -> None:
+            nonlocal first, count
+            while True:
+                await wake.wait()
+                wake.clear()
+                why = f"uevent {first}" + (f" and {count - 1} more" if count > 1 else "")
+                first, count = None, 0
+                await self._contained(why, self.reconcile(why))
+
+        worker = asyncio.create_task(rescan())
+        try:
+            async for event in self.uevents.events(stop):
+                log.debug("uevent %s", event)
+                if event.action in ("add", "online", "offline", "remove"):
+                    first = first or event
+                    count += 1
+                    wake.set()
+        finally:
+            worker.cancel()
 
     async def _contained(self, what: str, work: Coroutine[Any, Any, None]) -> None:
         """Run one unit of work; a failure is logged and the daemon goes on.
@@ -433,7 +462,30 @@ class Agent:
             )
         if topo.online_cpus > max(target.cpus, floor.cpus):
             notes.append(f"cpus stayed at {topo.online_cpus}")
-        return results, "; ".join(notes)
+        return results + self._unused_standby(target), "; ".join(notes)
+
+    def _unused_standby(self, target: Amount) -> list[ItemResult]:
+        """Plugged but offline CPUs and blocks beyond `target`, as already offline.
+
+        Standby the guest holds its target without was plugged for a grant it
+        never onlined, or offlined by an agent killed before its Ack: listed,
+        the broker unplugs it instead of leaving it plugged and unused.
+        """
+        topo = self.topo
+        items = []
+        if topo.online_cpus >= target.cpus:
+            items += [
+                ItemResult(Kind.CPU, c, Action.OFFLINE, Outcome.ALREADY, detail="standby")
+                for c in topo.standby_cpus
+            ]
+        if topo.online_memory_bytes >= target.memory_bytes:
+            items += [
+                ItemResult(Kind.MEMORY_BLOCK, b, Action.OFFLINE, Outcome.ALREADY, detail="standby")
+                for b in topo.standby_blocks
+            ]
+        if items:
+            log.info("standby the guest does not need: %s", ", ".join(map(str, items)))
+        return items
 
     def _offline_down_to(self, target: Amount, floor: Amount, deadline: float) -> list[ItemResult]:
         results = self.actuator.offline_cpus(target.cpus, floor.cpus)
@@ -514,11 +566,6 @@ class Agent:
         results = await self.act(why, target)
         if results and self._last_grant_id:
             self._send_ack(pb.Ack(grant_id=self._last_grant_id), results)
-
-    async def on_uevent(self, event: Uevent) -> None:
-        log.debug("uevent %s", event)
-        if event.action in ("add", "online", "offline", "remove"):
-            await self.reconcile(f"uevent {event.action} {event.name}")
 
     # --------------------------------------------------------------- broker
 
@@ -617,7 +664,9 @@ class Agent:
             _fmt("memory", self.entitlement.memory_bytes),
             f" (capped: {'; '.join(problems)})" if problems else "",
         )
+        crash_point("grant.received")
         results = await self.act(f"grant {grant.grant_id}", self.entitlement)
+        crash_point("grant.before-ack")
         self._send_ack(pb.Ack(grant_id=grant.grant_id, note="; ".join(problems)), results)
 
     async def _on_reclaim(self, reclaim: pb.Reclaim) -> None:
@@ -633,7 +682,9 @@ class Agent:
             _fmt("memory", target.memory_bytes),
             deadline_s,
         )
+        crash_point("reclaim.received")
         results, note = await self.release(target, time.monotonic() + deadline_s)
+        crash_point("reclaim.before-ack")
         # The broker's decision stands even where the kernel refused: the
         # guest will not grow back into it, and the Ack says what stayed. A
         # reclaim only lowers: a field above what was granted keeps the grant

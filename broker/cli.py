@@ -110,6 +110,7 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> int:
             backends[guest.id] = await make_backend(guest)
         registry = CollectorRegistry()
         broker = Broker(config, backends, BrokerMetrics(registry))
+        await broker.load_plugged()
         try:
             servers = await start_servers(broker, config)
         except ListenError as err:

@@ -96,11 +96,21 @@ class GuestRecord:
         return total
 
     @property
+    def plugged(self) -> Amount:
+        """What is plugged into the guest, online or not."""
+        return Amount(len(self.present_cpus), self.present_memory)
+
+    @property
     def held(self) -> Amount:
-        """Capacity in use, disjoint from `releasing` as the arbiter wants."""
+        """Capacity in use, disjoint from `releasing` as the arbiter wants.
+
+        Plugged counts even where nothing is online: a grant the agent never
+        finished, or what an agent killed before its Ack had offlined, is not
+        free until unplugged (arbiter rule 8), and counted it is reclaimed.
+        """
         if self.pending:
             return self.entitled  # the reclaim's target; the rest is releasing
-        return self.online.max_each(self.entitled)
+        return self.online.max_each(self.entitled).max_each(self.plugged)
 
     def send(self, message: pb.BrokerMessage) -> None:
         if self.outbox is not None:
@@ -365,6 +375,8 @@ class Broker:
         return claimed.min_each(plugged)
 
     async def _on_ack(self, guest: GuestRecord, ack: pb.Ack) -> None:
+        if any(item.outcome == pb.OUTCOME_NOT_FOUND for item in ack.items):
+            await self._forget_vanished(guest)
         guest.online = self._believe(guest, "ack", ack.online_cpus, ack.online_memory_bytes)
         if ack.WhichOneof("answers") != "reclaim_id":
             self.changed()
@@ -414,7 +426,8 @@ class Broker:
         # What went is not online any more, whatever the Ack said.
         guest.online = self._believe(guest, "ack", ack.online_cpus, ack.online_memory_bytes)
         del guest.pending[ack.reclaim_id]
-        if not Amount(ack.online_cpus, ack.online_memory_bytes).fits(pending.target):
+        if not guest.held.fits(pending.target):
+            # Refused offline, or offline but not unplugged: not again at once.
             guest.reclaim_backoff_until = self._clock() + SHORT_RECLAIM_BACKOFF_SECONDS
         # `entitled` already came down to the target when the reclaim was sent
         # (fields that rise wait for their grant); what did not go offline is
@@ -434,6 +447,42 @@ class Broker:
             f" ({ack.note})" if ack.note else "",
         )
         self.changed()
+
+    async def _forget_vanished(self, guest: GuestRecord) -> None:
+        """A CPU or block vanished under the agent: drop from the books what the
+        hypervisor no longer has plugged (the guest's word alone lowers nothing)."""
+        try:
+            state = await guest.backend.state()
+        except BackendError as err:
+            log.warning("guest %s: cannot check what vanished: %s", guest.id, err)
+            return
+        guest.present_cpus = guest.present_cpus & state.cpus
+        guest.present_memory = min(
+            guest.present_memory, state.boot_memory_bytes + state.memory_bytes
+        )
+
+    async def load_plugged(self) -> None:
+        """Count what the hypervisor has plugged into each guest before any Hello.
+
+        After a broker restart a guest holds what the last broker gave it; a
+        guest that reconnects late must not have that handed to another guest
+        meanwhile. Its Hello then tells what is online.
+        """
+        for guest in self.guests.values():
+            try:
+                state = await guest.backend.state()
+            except BackendError as err:
+                log.warning("guest %s: cannot read what is plugged: %s", guest.id, err)
+                continue
+            guest.present_cpus = state.cpus
+            guest.present_memory = state.boot_memory_bytes + state.memory_bytes
+            guest.demand = guest.held  # asks for nothing more while away
+            log.info(
+                "guest %s: %d cpus and %d MiB plugged before its session",
+                guest.id,
+                len(state.cpus),
+                guest.present_memory >> 20,
+            )
 
     # ------------------------------------------------------------ arbitration
 
@@ -518,10 +567,13 @@ class Broker:
         try:
             missing_cpus = target.cpus - len(guest.present_cpus)
             if missing_cpus > 0:
+                started = time.monotonic()
                 new_cpus = await guest.backend.plug_cpus(missing_cpus)
                 guest.present_cpus = guest.present_cpus | set(new_cpus)
+                self.metrics.hotplugged(guest.id, "cpus", time.monotonic() - started)
             missing_memory = target.memory - guest.present_memory
             if missing_memory > 0:
+                started = time.monotonic()
                 step = guest.config.memory_step_bytes
                 while missing_memory > 0:
                     added = await guest.backend.plug_memory(min(step, missing_memory))
@@ -529,6 +581,7 @@ class Broker:
                         break
                     guest.present_memory += added
                     missing_memory -= added
+                self.metrics.hotplugged(guest.id, "memory", time.monotonic() - started)
         except BackendError as err:
             log.error("guest %s: hot-plug failed: %s", guest.id, err)
             self.metrics.failure(guest.id, "plug_failed")

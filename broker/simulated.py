@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+from agent.kernel import MEMORY_DIR
 from broker.backend import BackendError, PlugState
 from vmtide.fakesys import FakeGuest
 
@@ -26,7 +27,13 @@ class SimulatedBackend:
         self.guest = guest
         self.name = name
         self.plug_delay = plug_delay
-        self._boot_blocks = len(guest.block_indexes())
+        # Boot blocks carry a marker in the tree: counted from it rather than
+        # from what is listed now, a restarted broker can still unplug the
+        # blocks the last one plugged.
+        self._boot_blocks = sum(
+            (guest.sysfs / MEMORY_DIR / f"memory{i}" / ".boot").exists()
+            for i in guest.block_indexes()
+        )
         # Without a stated maximum, allow four times the boot memory.
         self._max_memory = max_memory_bytes or 4 * self._boot_blocks * guest.block_size
 

@@ -197,9 +197,12 @@ def source_date_epoch(source: Path) -> int:
 
 
 def export_source(source: Path, dest: Path) -> Path:
-    """The files git tracks (as in the work tree, staged or not), copied to `dest`: the
-    package holds what the repository holds, never an untracked experiment."""
-    listed = run(["git", "ls-files", "-z", "--cached"], cwd=source)
+    """The work tree's files that git does not ignore, copied to `dest`: what the tests
+    import is what gets packaged, and no cache, venv or build output comes along.
+    (A release is built from a clean checkout, where that is the commit.)"""
+    listed = run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source
+    )
     for name in sorted(set(filter(None, listed.split("\0")))):
         path = source / name
         if path.is_file():  # a tracked file deleted in the work tree is skipped
