@@ -375,7 +375,14 @@ async def test_a_block_vanishing_as_it_is_offlined(tmp_path: Path) -> None:
     # does: the books must not keep counting it as plugged.
     agent, _ = await in_process_pair(
         tmp_path,
-        lambda guest: [{"kind": "memory", "index": max(guest.block_indexes()), "effect": "vanish"}],
+        lambda guest: [
+            {
+                "kind": "memory",
+                "index": max(guest.online_blocks()),
+                "effect": "vanish",
+                "value": "offline",
+            }
+        ],
         BUSY,
         IDLE,
         AT_MINIMUM,
