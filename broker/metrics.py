@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from vmtide.v1 import broker_pb2 as pb
 
@@ -81,6 +81,14 @@ class BrokerMetrics:
             ["guest", "reason"],
             registry=registry,
         )
+        self.hotplug_seconds = Histogram(
+            "vmtide_broker_hotplug_seconds",
+            "Time to hot-plug what a grant needs, by resource (QMP commands and "
+            "QEMU's answers; the guest's onlining is not in it)",
+            ["guest", "resource"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=registry,
+        )
         self.pool_capacity = Gauge(
             "vmtide_broker_pool_capacity",
             "Pool capacity (cpus: count, memory: bytes)",
@@ -137,6 +145,9 @@ class BrokerMetrics:
     def reclaimed(self, guest: str, amount: Amount) -> None:
         self.reclaimed_cpus.labels(guest).inc(amount.cpus)
         self.reclaimed_memory.labels(guest).inc(amount.memory)
+
+    def hotplugged(self, guest: str, resource: str, seconds: float) -> None:
+        self.hotplug_seconds.labels(guest, resource).observe(seconds)
 
     def failure(self, guest: str, reason: str) -> None:
         self.failures.labels(guest, reason).inc()
