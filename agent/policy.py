@@ -48,6 +48,10 @@ GiB = 1 << 30
 _EPSILON = 1e-9
 
 
+# Busy time at or above this share of the online CPUs is "all CPUs busy".
+_SATURATED = 0.95
+
+
 # --- inputs -------------------------------------------------------------------
 
 
@@ -169,7 +173,7 @@ class CpuParams:
     """CPU tunables ([policy.cpu]); docs/policy.md says why each default."""
 
     # Size so busy time fills this share of the online CPUs.
-    target_utilisation_ratio: float = 0.8
+    target_utilisation_ratio: float = 0.9
     # Utilisation must be over target this long before a grow (PSI stalls
     # grow at once).
     grow_window_seconds: float = 2.0
@@ -178,13 +182,14 @@ class CpuParams:
     # After a grow, avg10 still shows the stalls from before for about its
     # 10 s window: a stall counts then only while avg10 is still rising.
     psi_settle_seconds: float = 10.0
-    # Shrink only to the peak need over this long (HPA's scale-down window).
-    shrink_window_seconds: float = 180.0
+    # Shrink only to the peak sustained need over this long (HPA's scale-down
+    # window, shorter: onlining a CPU again takes milliseconds).
+    shrink_window_seconds: float = 60.0
     # At most one shrink step per this long, so PSI shows each step's effect.
-    shrink_interval_seconds: float = 30.0
+    shrink_interval_seconds: float = 10.0
     # One shrink step gives back at most this share of the CPUs (at least one).
-    shrink_step_ratio: float = 0.25
-    # No shrink while PSI some reached this within the shrink window.
+    shrink_step_ratio: float = 0.5
+    # No shrink while PSI some reached this within the last shrink interval.
     shrink_hold_psi_some_percent: float = 5.0
     # Credits (CPU-seconds above maximum) earned per CPU-second below maximum.
     burst_earn_ratio: float = 0.5
@@ -204,24 +209,25 @@ class MemoryParams:
     """Memory tunables ([policy.memory]); docs/policy.md says why each default."""
 
     # Keep MemAvailable >= max(headroom_min_bytes, headroom_percent of total).
-    headroom_min_bytes: int = 512 * MiB
-    headroom_percent: float = 15.0
+    headroom_min_bytes: int = 384 * MiB
+    headroom_percent: float = 10.0
     # MemAvailable under this share of the headroom is urgent (nearly gone).
     urgent_headroom_ratio: float = 0.5
     # Memory grows on the newest sample alone: running out cannot wait.
     grow_window_seconds: float = 0.0
     # Memory pressure: PSI some or full avg10 at or above these, or swap-in at
-    # or above this rate, grows memory by stall_grow_ratio.
+    # or above this rate, grows memory by stall_grow_ratio times the square of
+    # how many times over its threshold PSI some (or swap-in) is, at most double.
     psi_some_threshold_percent: float = 5.0
     psi_full_threshold_percent: float = 1.0
     swap_in_threshold_pages_per_second: float = 1000.0
-    stall_grow_ratio: float = 0.25
+    stall_grow_ratio: float = 0.05
     # The rest as in CpuParams, in bytes: memory comes back more slowly
     # (offlining migrates pages) and bursts only when worth a hot-add.
     psi_settle_seconds: float = 10.0
-    shrink_window_seconds: float = 300.0
-    shrink_interval_seconds: float = 30.0
-    shrink_step_ratio: float = 0.1
+    shrink_window_seconds: float = 90.0
+    shrink_interval_seconds: float = 10.0
+    shrink_step_ratio: float = 0.25
     shrink_hold_psi_some_percent: float = 1.0
     burst_earn_ratio: float = 0.5
     burst_credit_max_seconds: float = 600.0
@@ -356,7 +362,13 @@ class _Reading(NamedTuple):
     at: float
     current: int  # online CPUs or online memory bytes
     need: float | None  # None: the sample says nothing about the need
+    # The need without a stall's guess (what the sample measured): the shrink
+    # side reads this, so a blind stall grow does not hold for a window.
+    measured: float | None
     stall: bool  # pressure that counts (after the settle rule)
+    # Evidence enough to grow on this sample alone (a stall, or CPUs saturated
+    # with tasks queued): no grow window.
+    sure: bool
     urgent: bool  # stalling now, or memory nearly gone
     psi_some: float | None
     why: str  # the signals behind `need`, for reasons; newest sample only
@@ -469,9 +481,19 @@ def _cpu_readings(samples: Sequence[Sample], p: CpuParams) -> _Readings:
     for (s, online, busy, run_queue, psi), stall in zip(parsed, stalls, strict=True):
         util_need = _ceil(busy / target) if busy is not None else None
         need: float | None = util_need
+        # Every CPU busy all period and more tasks runnable than CPUs: tasks
+        # are waiting now, a measurement, not noise; avg10 shows it a second late.
+        saturated = (
+            busy is not None
+            and run_queue is not None
+            and busy >= _SATURATED * online
+            and run_queue > online
+        )
         if stall:
             # More than we had, and room for every task the run queue holds.
             need = max(online + 1, (util_need or 0) + 1, _ceil((run_queue or 0) / target))
+        elif saturated:
+            need = max(util_need or 0, _ceil((run_queue or 0) / target))
         parts = []
         if s is last and busy is not None:
             part = f"busy {busy:.1f}/{online} ({busy / online:.0%})"
@@ -479,10 +501,11 @@ def _cpu_readings(samples: Sequence[Sample], p: CpuParams) -> _Readings:
         if s is last and psi is not None and psi >= threshold:
             settling = "" if stall else " (settling after grow)"
             parts.append(f"psi some {psi:.1f}% > {threshold:g}%{settling}")
-        if s is last and stall and run_queue is not None and run_queue > online:
+        if s is last and (stall or saturated) and run_queue is not None and run_queue > online:
             parts.append(f"run queue {run_queue}")
         urgent = psi is not None and psi >= threshold
-        rows.append(_Reading(s.at, online, need, stall, urgent, psi, ", ".join(parts)))
+        sure = stall or saturated
+        rows.append(_Reading(s.at, online, need, need, stall, sure, urgent, psi, ", ".join(parts)))
     newest = rows[-1] if parsed and parsed[-1][0] is last else None
     return _Readings(tuple(rows), newest, _cpu_bad(last) if last is not None else ())
 
@@ -562,9 +585,16 @@ def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> 
             need = overhead + max(used + p.headroom_min_bytes, used / (1 - share))
             headroom = max(p.headroom_min_bytes, share * total)
             urgent = urgent or available < p.urgent_headroom_ratio * headroom
+        measured = need
         if stall:
-            # How much more a stall wants is unknown: a share, then settle.
-            need = max(need or 0, current + max(block, p.stall_grow_ratio * current))
+            # How much more a stall wants is not measurable (MemAvailable is
+            # gone): grow by a share that rises with the square of how far
+            # pressure is over its threshold (senpai's rule), at most double.
+            # Just over the threshold buys little; thrashing buys a lot at once.
+            # (PSI full is at most some: some alone measures how far over.)
+            severity = max((some or 0) / some_limit, (swap_in or 0) / swap_limit, 1.0)
+            grow = min(1.0, p.stall_grow_ratio * severity**2)
+            need = max(need or 0, current + max(block, grow * current))
         parts = []
         if s is last and total is not None and available is not None:
             if available < headroom:
@@ -579,7 +609,9 @@ def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> 
             parts.append(f"swap-in {swap_in:.0f}/s > {swap_limit:g}/s")
         if s is last and stalled(pressure) and not stall:
             parts.append("(settling after grow)")
-        rows.append(_Reading(s.at, current, need, stall, urgent, some, ", ".join(parts)))
+        rows.append(
+            _Reading(s.at, current, need, measured, stall, stall, urgent, some, ", ".join(parts))
+        )
     newest = rows[-1] if parsed and parsed[-1][0] is last else None
     return _Readings(tuple(rows), newest, _memory_bad(last) if last is not None else ())
 
@@ -627,13 +659,37 @@ def _shrink_blocker(rows: Sequence[_Reading], since: float, now: float, p: _Comm
     )
     if changed is not None and now - changed < p.shrink_interval_seconds:
         return f"last change {now - changed:.0f} s ago < {p.shrink_interval_seconds:g} s"
-    pressures = [r.psi_some for r in rows if r.at > now - window and r.psi_some is not None]
+    # Quiet for one interval is enough: the window's peak need already holds
+    # what the stalls asked for, and the interval is how long a step's own
+    # effect takes to show in avg10.
+    quiet = p.shrink_interval_seconds
+    pressures = [r.psi_some for r in rows if r.at > now - quiet and r.psi_some is not None]
     if pressures and max(pressures) >= p.shrink_hold_psi_some_percent:
         return (
             f"psi some {max(pressures):.1f}% >= {p.shrink_hold_psi_some_percent:g}%"
-            f" within {window:g} s"
+            f" within {quiet:g} s"
         )
     return ""
+
+
+def _sustained_peak(rows: Sequence[_Reading], since: float, grow_window: float) -> float:
+    """The largest measured need after `since` that held for the grow window.
+
+    That is the largest size the grow rule would have asked for: shrinking
+    below it would be undone by the next such sample (a flap), while one
+    noisy sample above it never bought a grow and does not hold a shrink.
+    """
+    measured = [(r.at, r.measured) for r in rows if r.measured is not None]
+    peak = 0.0
+    for i, (at, need) in enumerate(measured):
+        if at <= since and i < len(measured) - 1:
+            continue
+        held, j = need, i - 1
+        while j >= 0 and measured[j][0] > at - grow_window:
+            held = min(held, measured[j][1])
+            j -= 1
+        peak = max(peak, held)
+    return peak
 
 
 def _decide_resource(
@@ -686,12 +742,10 @@ def _decide_resource(
         up_need = min(need for _, need in up)
         # A stall grows at once; utilisation and headroom must hold over the
         # grow window (HPA's scale-up stabilization).
-        immediate = newest.stall and newest.need > up_need
+        immediate = newest.sure and newest.need > up_need
         grow_to = _round_up(newest.need if immediate else up_need, unit)
         window = p.shrink_window_seconds
-        shrink_to = _round_up(
-            max(need for r, need in known if r is newest or r.at > now - window), unit
-        )
+        shrink_to = _round_up(_sustained_peak(rows, now - window, p.grow_window_seconds), unit)
         # One sample alone is not "over target for a while": at start, wait
         # for a second before growing on utilisation or headroom.
         lone = len(known) == 1 and p.grow_window_seconds > 0 and not immediate
