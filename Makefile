@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
 .PHONY: all venv host-deps proto check-proto lint typecheck test test-fast test-vm vm-image demo \
-	demo-simulated clean
+	demo-simulated bench bench-quick packages clean
 
 all: test
 
@@ -59,6 +59,27 @@ demo: host-deps $(STAMP)
 # The same story on a simulated guest (fake sysfs): no QEMU, 1 minute.
 demo-simulated: $(STAMP)
 	$(PY) -m vmtide.demo
+
+# The .debs and .rpms for VM images and hosts, in dist/ (docs/packaging.md).
+packages: host-deps $(STAMP)
+	$(PY) packaging/build.py --rpm
+
+# Benchmarks (bench/): each writes its report, with the command and machine,
+# under docs/bench/ (about an hour in all; the real-VM ones under TCG).
+bench: host-deps $(STAMP)
+	$(PY) -m bench.policy_quality
+	$(PY) -m bench.broker_scale
+	$(PY) -m bench.footprint
+	PYTHONPATH=tests $(PY) -m bench.vm_throughput
+	PYTHONPATH=tests $(PY) -m bench.vm_reaction
+
+# Each benchmark on a tiny input (CI runs these through tests/test_bench_*.py).
+bench-quick: host-deps $(STAMP)
+	$(PY) -m bench.policy_quality --quick
+	$(PY) -m bench.broker_scale --quick --out .cache/bench
+	$(PY) -m bench.footprint --quick --out .cache/bench
+	PYTHONPATH=tests $(PY) -m bench.vm_throughput --quick --out .cache/bench
+	PYTHONPATH=tests $(PY) -m bench.vm_reaction --quick --out .cache/bench
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -5,6 +5,8 @@
 #   busybox-static:  the initramfs of the test guest (tests/vm)
 #   systemd:         systemd-analyze verifies the units
 #   prometheus:      a real server scrapes both daemons; promtool checks rules
+#   dpkg-dev, lintian, mmdebstrap, rpm, cpio: `make packages` and its tests
+#       (build the .debs and .rpms, lint them, install into a clean Debian root)
 #
 # QEMU comes from bookworm-backports on Debian 12: QEMU 7.2 under TCG frees a
 # vCPU's jump cache while other vCPU threads still use it (fixed upstream by
@@ -13,7 +15,8 @@
 # affected; the tests run under TCG.
 set -euo pipefail
 
-packages=(make python3 python3-venv python3-dev busybox-static systemd prometheus)
+packages=(make python3 python3-venv python3-dev busybox-static systemd prometheus
+    dpkg-dev lintian mmdebstrap rpm cpio)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
