@@ -144,7 +144,13 @@ class Ticker:
         last = self.started
         while not self._stop.wait(TICK_SECONDS):
             now = time.monotonic()
-            self._guest.tick(now - last, self._load(now - self.started))
+            try:
+                self._guest.tick(now - last, self._load(now - self.started))
+            except FileNotFoundError:
+                # The broker, another process, unplugged a CPU or a memory block
+                # while the tick read the tree; the next tick reads the new one
+                # and accounts for this one's time.
+                continue
             last = now
 
     def stop(self) -> None:
