@@ -134,9 +134,9 @@ def test_agent_keeps_a_pending_grow_through_a_hold_as_the_daemon_does() -> None:
     sizer = policy_quality.AgentSizer(initial=(3, 4 * GiB))
     model = SignalModel()
     wanted = []
-    # Online stays at 3 CPUs (the grant is still on its way): 2.7 busy twice is a grow
-    # to ceil(2.7 / 0.8) = 4; then 2.3 (77 %) makes the policy "hold 3".
-    for at, busy in enumerate([2.0] * 20 + [2.7, 2.7, 2.3, 2.3], start=1):
+    # Online stays at 3 CPUs (the grant is still on its way): 2.8 busy twice is a grow
+    # to ceil(2.8 / 0.9) = 4; then 2.3 (77 %) makes the policy "hold 3".
+    for at, busy in enumerate([2.0] * 20 + [2.8, 2.8, 2.3, 2.3], start=1):
         cpu, mem = model.observe(float(at), busy, 3, 1.0 * GiB, 4 * GiB)
         wanted.append(sizer.step(cpu, mem)[0])
     assert wanted[:21] == [3] * 21
