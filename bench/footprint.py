@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import os
 import shlex
 import socket
@@ -156,16 +157,22 @@ def _scrape(port: int) -> None:
 
 
 def per_window(samples: list[Sample], warmup: float, width: float) -> list[tuple[float, float]]:
-    """(CPU % of one core, max RSS MiB) for each whole window after the warm-up."""
-    windows: list[tuple[float, float]] = []
-    start = warmup
-    while True:
-        window = [s for s in samples if start <= s.at <= start + width]
-        if len(window) < 2 or window[-1].at - window[0].at < width - SAMPLE_SECONDS:
-            return windows
-        cpu = (window[-1].cpu - window[0].cpu) / (window[-1].at - window[0].at) * 100
-        windows.append((cpu, max(s.rss for s in window) / MiB))
-        start += width
+    """(CPU % of one core, max RSS MiB) for each whole window after the warm-up.
+
+    A window runs from the first sample at or past its start to the first at or
+    past its end, so consecutive windows share a sample and cover the run."""
+    edges: list[int] = []
+    boundary = warmup
+    for i, sample in enumerate(samples):
+        if sample.at >= boundary:
+            edges.append(i)
+            boundary += width
+    windows = []
+    for a, b in itertools.pairwise(edges):
+        first, last = samples[a], samples[b]
+        cpu = (last.cpu - first.cpu) / (last.at - first.at) * 100
+        windows.append((cpu, max(s.rss for s in samples[a : b + 1]) / MiB))
+    return windows
 
 
 def report(
