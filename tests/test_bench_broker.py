@@ -6,15 +6,27 @@ ran the flow it claims and reported it in a well-formed way.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry
+from simulation import broker_config, until
 
-from broker import config as broker_config
+from agent.kernel import Kernel
+from agent.topology import Topology
+from broker import config as broker_config_file
+from broker.arbiter import Amount
+from broker.backend import Backend
+from broker.config import CpuLimits, GuestConfig, MemoryLimits
+from broker.core import Broker
+from broker.metrics import BrokerMetrics
+from broker.simulated import SimulatedBackend
 from vmtide.fakesys import FakeGuest
 from vmtide.v1 import broker_pb2 as pb
 
@@ -24,6 +36,8 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import broker_scale  # noqa: E402
+
+GiB = 1 << 30
 
 
 def test_quick_mode_grants_every_guest_and_writes_a_report(tmp_path: Path) -> None:
@@ -53,7 +67,7 @@ def test_quick_mode_grants_every_guest_and_writes_a_report(tmp_path: Path) -> No
     report = (out / f"{broker_scale.NAME}.md").read_text()
     rows = [line for line in report.splitlines() if re.match(r"\| 20 \| 1 \| \d+ \|", line)]
     assert len(rows) == 1, report
-    assert len(rows[0].strip("|").split("|")) == 10
+    assert len(rows[0].strip("|").split("|")) == 11
     assert "python -m bench.broker_scale --quick" in report
     assert results["machine"]["uname"] in report
     assert (out / f"{broker_scale.NAME}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -62,7 +76,7 @@ def test_quick_mode_grants_every_guest_and_writes_a_report(tmp_path: Path) -> No
 def test_the_broker_config_it_writes_loads_and_covers_every_guest(tmp_path: Path) -> None:
     roots = [tmp_path / broker_scale.guest_id(i) for i in range(3)]
     listens = [f"unix:{tmp_path}/{i}.sock" for i in range(3)]
-    config = broker_config.load(broker_scale.write_broker_config(tmp_path, roots, listens))
+    config = broker_config_file.load(broker_scale.write_broker_config(tmp_path, roots, listens))
 
     assert [g.id for g in config.guests] == ["g00000", "g00001", "g00002"]
     assert [g.listen for g in config.guests] == listens
@@ -171,3 +185,155 @@ def test_bad_settings_name_the_option() -> None:
         broker_scale.Settings(guests=0, duration=1, request_interval=1)
     with pytest.raises(broker_scale.BenchError, match="--transport"):
         broker_scale.Settings(guests=1, duration=1, request_interval=1, transport="vsock")
+
+
+# ------------------------------------------- broker changes the benchmark led to
+
+
+def make_broker(tmp_path: Path, count: int = 1) -> tuple[Broker, list[FakeGuest]]:
+    fakes = [
+        FakeGuest(tmp_path / f"g{i}", possible_cpus=4, boot_cpus=1, boot_blocks=8)
+        for i in range(count)
+    ]
+    guests = [
+        GuestConfig(
+            id=f"g{i}",
+            listen=f"unix:{tmp_path}/g{i}.sock",
+            backend="simulated",
+            simulated_root=fake.root,
+            cpus=CpuLimits(minimum=1, maximum=4),
+            memory=MemoryLimits(minimum_bytes=GiB, maximum_bytes=2 * GiB),
+        )
+        for i, fake in enumerate(fakes)
+    ]
+    config = broker_config(tmp_path, guests, cpus=4 * count, memory=2 * GiB * count)
+    backends: dict[str, Backend] = {
+        g.id: SimulatedBackend(fake, g.id) for g, fake in zip(guests, fakes, strict=True)
+    }
+    return Broker(config, backends, BrokerMetrics(CollectorRegistry())), fakes
+
+
+def hello(fake: FakeGuest) -> pb.Hello:
+    topology = Topology.read(Kernel(fake.sysfs, fake.procfs)).to_proto()
+    return pb.Hello(protocol_version=1, topology=topology)
+
+
+def ask(cpus: int, seen_grant_id: int) -> pb.GuestMessage:
+    return pb.GuestMessage(
+        request=pb.ResourceRequest(
+            request_id=1, cpus=cpus, memory_bytes=GiB, seen_grant_id=seen_grant_id
+        )
+    )
+
+
+def sent(outbox: asyncio.Queue[pb.BrokerMessage | None], kind: str) -> list[pb.BrokerMessage]:
+    messages = []
+    while not outbox.empty():
+        message = outbox.get_nowait()
+        if message is not None and message.WhichOneof("body") == kind:
+            messages.append(message)
+    return messages
+
+
+def state_of(broker: Broker, guest: str) -> dict[str, Any] | None:
+    try:
+        state: dict[str, Any] = json.loads(broker.config.broker.state_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return state["guests"][guest]  # type: ignore[no-any-return]
+
+
+async def test_a_burst_of_changes_writes_the_state_file_once_with_the_last(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker, [fake] = make_broker(tmp_path)
+    record, _ = broker.open_session("g0", hello(fake))
+    writes: list[int] = []
+    write = broker.write_state
+
+    def counted() -> None:
+        writes.append(record.demand.cpus)
+        write()
+
+    monkeypatch.setattr(broker, "write_state", counted)
+    for cpus in (2, 3, 4):
+        record.demand = Amount(cpus, GiB)
+        broker.state_changed()
+
+    await until(lambda: bool(writes), 10, "the state file to be written")
+    assert writes == [4]
+    state = state_of(broker, "g0")
+    assert state is not None and state["requested"]["cpus"] == 4
+
+
+async def test_a_grant_ack_that_changes_nothing_starts_no_round_but_shows_in_status(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker, [fake] = make_broker(tmp_path)
+    record, outbox = broker.open_session("g0", hello(fake))
+    await broker.on_message(record, ask(3, record.last_grant_id))
+    await broker.rebalance()
+    grant = sent(outbox, "grant")[-1].grant  # after the session's own
+    assert grant.cpus == 3
+    rounds: list[str] = []
+    monkeypatch.setattr(broker, "changed", lambda: rounds.append("round"))
+
+    onlined = [
+        pb.ItemResult(
+            kind=pb.RESOURCE_KIND_CPU, index=cpu, action=pb.ACTION_ONLINE, outcome=pb.OUTCOME_DONE
+        )
+        for cpu in grant.cpu_ids
+    ]
+    ack = pb.Ack(grant_id=grant.grant_id, items=onlined, online_cpus=3, online_memory_bytes=GiB)
+    await broker.on_message(record, pb.GuestMessage(ack=ack))
+    assert rounds == []
+    await until(
+        lambda: (s := state_of(broker, "g0")) is not None and s["online"]["cpus"] == 3,
+        10,
+        "the status to show the Ack's online CPUs",
+    )
+
+    # A reclaim's Ack frees capacity: that is a round.
+    record.last_request_at = 0.0
+    await broker.on_message(record, ask(1, record.last_grant_id))
+    await broker.rebalance()
+    [reclaim] = [m.reclaim for m in sent(outbox, "reclaim")]
+    offlined = [
+        pb.ItemResult(
+            kind=pb.RESOURCE_KIND_CPU, index=cpu, action=pb.ACTION_OFFLINE, outcome=pb.OUTCOME_DONE
+        )
+        for cpu in grant.cpu_ids
+    ]
+    rounds.clear()
+    ack = pb.Ack(
+        reclaim_id=reclaim.reclaim_id, items=offlined, online_cpus=1, online_memory_bytes=GiB
+    )
+    await broker.on_message(record, pb.GuestMessage(ack=ack))
+    assert rounds == ["round"]
+
+
+async def test_a_round_updates_the_gauges_of_changed_guests_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker, fakes = make_broker(tmp_path, count=3)
+    records = [broker.open_session(f"g{i}", hello(fake))[0] for i, fake in enumerate(fakes)]
+    updated: list[str] = []
+    books = broker.metrics.books
+
+    def spied(guest: str, granted: Amount, requested: Amount) -> None:
+        updated.append(guest)
+        books(guest, granted, requested)
+
+    monkeypatch.setattr(broker.metrics, "books", spied)
+    await broker.rebalance()
+    assert sorted(updated) == ["g0", "g1", "g2"]
+
+    updated.clear()
+    await broker.rebalance()
+    assert updated == []
+
+    await broker.on_message(records[1], ask(2, records[1].last_grant_id))
+    await broker.rebalance()
+    assert updated == ["g1"]
+    granted = broker.metrics.granted_cpus.labels("g1")._value.get()
+    assert granted == records[1].entitled.cpus == 2
