@@ -68,6 +68,7 @@ CPU_TARGET_PERCENT = 0.5
 class Sample:
     at: float  # seconds since the agent started
     rss: int
+    uss: int  # pages only this process holds: what its exit would free
     cpu: float  # user + system seconds
 
 
@@ -130,10 +131,10 @@ async def measure(workdir: Path, seconds: float) -> tuple[list[Sample], Path]:
             last = now
             if now >= next_sample:
                 with proc.oneshot():
-                    times = proc.cpu_times()
-                    samples.append(
-                        Sample(now - started, proc.memory_info().rss, times.user + times.system)
-                    )
+                    times, memory = proc.cpu_times(), proc.memory_full_info()
+                samples.append(
+                    Sample(now - started, memory.rss, memory.uss, times.user + times.system)
+                )
                 next_sample += SAMPLE_SECONDS
             if now >= next_scrape:
                 with contextlib.suppress(OSError):
@@ -156,8 +157,10 @@ def _scrape(port: int) -> None:
         reply.read()
 
 
-def per_window(samples: list[Sample], warmup: float, width: float) -> list[tuple[float, float]]:
-    """(CPU % of one core, max RSS MiB) for each whole window after the warm-up.
+def per_window(
+    samples: list[Sample], warmup: float, width: float
+) -> list[tuple[float, float, float]]:
+    """(CPU % of one core, max RSS MiB, max USS MiB) for each whole window after the warm-up.
 
     A window runs from the first sample at or past its start to the first at or
     past its end, so consecutive windows share a sample and cover the run."""
@@ -171,16 +174,18 @@ def per_window(samples: list[Sample], warmup: float, width: float) -> list[tuple
     for a, b in itertools.pairwise(edges):
         first, last = samples[a], samples[b]
         cpu = (last.cpu - first.cpu) / (last.at - first.at) * 100
-        windows.append((cpu, max(s.rss for s in samples[a : b + 1]) / MiB))
+        window = samples[a : b + 1]
+        windows.append((cpu, max(s.rss for s in window) / MiB, max(s.uss for s in window) / MiB))
     return windows
 
 
 def report(
-    samples: list[Sample], minutes: list[tuple[float, float]], warmup: float, command: str
+    samples: list[Sample], minutes: list[tuple[float, float, float]], warmup: float, command: str
 ) -> str:
     startup = next((s for s in samples if s.at >= warmup), samples[-1])
     cpus = [m[0] for m in minutes]
     rss = [m[1] for m in minutes]
+    uss = [m[2] for m in minutes]
     peak_rss = max(s.rss for s in samples) / MiB
     lines = [
         "# The agent's footprint",
@@ -205,11 +210,19 @@ def report(
             f"| {max(cpus):.2f} | < {CPU_TARGET_PERCENT} |",
             f"| RSS, MiB (per-window peak) | {statistics.median(rss):.1f} | {min(rss):.1f} "
             f"| {max(rss):.1f} | < {RSS_TARGET_MIB:.0f} |",
+            f"| USS, MiB (per-window peak) | {statistics.median(uss):.1f} | {min(uss):.1f} "
+            f"| {max(uss):.1f} | |",
         ]
     lines += [
         "",
         f"Start-up (warm-up: imports and the first session): {startup.cpu:.2f} s of CPU;",
         f"peak RSS over the whole run {peak_rss:.1f} MiB.",
+        "",
+        "RSS counts the pages of shared libraries the agent has touched; grpc's C core",
+        "alone is about 18 MiB of it (`import grpc` takes a bare Python from 13 to 31 MiB",
+        "here). Those pages are file-backed and clean: under memory pressure the kernel",
+        "drops them before anything else. USS, the pages only the agent holds, is what",
+        "the guest would get back if the agent exited.",
         "",
     ]
     return "\n".join(lines)
