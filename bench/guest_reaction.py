@@ -35,6 +35,8 @@ REST_TIMEOUT_SECONDS = 240.0
 GROW_TIMEOUT_SECONDS = 120.0
 # At rest this long before a step, so PSI averages have decayed.
 QUIET_SECONDS = 3.0
+# The host polls the share every 0.2 s for the notice that a step comes.
+STEP_NOTICE_SECONDS = 0.5
 
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ vmtide\.agent: (.*)$")
 
@@ -181,6 +183,11 @@ def main() -> int:
 
     for run in range(args.runs):
         wait_for_rest(args.log, rested, f"rest before run {run}")
+        # Tell the host, which reads the broker's hot-plug time from here on.
+        (args.out.parent / f"stepping-{run}").touch()
+        time.sleep(STEP_NOTICE_SECONDS)
+        if not rested():
+            continue
         result = run_once(args, base_online, base_present)
         with args.out.open("a") as f:
             f.write(json.dumps({"run": run, **result}) + "\n")

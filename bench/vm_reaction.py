@@ -172,14 +172,21 @@ async def measure(case: Case, runs: int, interval: float, workdir: Path) -> list
             )
             (setup.vm.share / "go").touch()
             out = setup.vm.share / "results.jsonl"
-            before = scrape_hotplug(port, case.name, case.resource)
+            before: tuple[float, float] | None = None
             deadline = time.monotonic() + RUN_TIMEOUT_SECONDS * runs
             while len(results) < runs:
                 lines = out.read_text().splitlines() if out.exists() else []
+                run = int(json.loads(lines[-1])["run"]) + 1 if lines else 0
+                if before is None and (setup.vm.share / f"stepping-{run}").exists():
+                    # The guest is at rest and about to step: hot-plugs from
+                    # here on are this run's.
+                    before = scrape_hotplug(port, case.name, case.resource)
                 if len(lines) > len(results):
                     after = scrape_hotplug(port, case.name, case.resource)
+                    if before is None:
+                        raise AssertionError(f"{case.name}: missed the notice of a step")
                     hotplug = after[0] - before[0] if after[1] > before[1] else 0.0
-                    before = after
+                    before = None
                     raw = json.loads(lines[len(results)])
                     measured = phases(raw, hotplug)
                     if measured is None:
