@@ -67,6 +67,7 @@ class Package:
     data: tuple[tuple[str, str], ...]  # (file in the repo, installed path)
     see_also: tuple[tuple[str, str], ...]
     notes: str  # for the man page: how the command is run
+    exit_one: str  # for the man page: what exit status 1 means
 
     @property
     def name(self) -> str:
@@ -115,6 +116,7 @@ PACKAGES = {
             " a configuration before a restart. The agent must run as root: it writes the"
             " online files under /sys/devices/system/cpu and /sys/devices/system/memory."
         ),
+        exit_one="check-config found an error; run or status could not read the guest's topology",
     ),
     "broker": Package(
         role="broker",
@@ -149,6 +151,10 @@ PACKAGES = {
             " installed, /etc/vmtide/broker.toml serves no guest: add a [[guests]] table per"
             " VM, then restart the unit. `status` shows, per guest, its limits and what is"
             " granted, online and pending; `check-config` validates a configuration."
+        ),
+        exit_one=(
+            "check-config found an error; run could not open a listener or reach a guest's"
+            " QEMU; status found no state file (the broker is not running)"
         ),
     ),
 }
@@ -360,8 +366,13 @@ def install_tree(
             ),
             exit_status=(
                 ("0", "success"),
-                ("1", "an error (a bad config for check-config, an unreadable guest)"),
-                (str(EX_CONFIG), "run: the config does not load (EX_CONFIG; not restarted)"),
+                ("1", package.exit_one),
+                ("2", "no command given"),
+                (
+                    str(EX_CONFIG),
+                    "run or status: the config does not load (EX_CONFIG; the unit does not"
+                    " restart on it)",
+                ),
             ),
             see_also=package.see_also,
             epoch=source_date_epoch(source),
