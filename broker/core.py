@@ -44,6 +44,9 @@ SHORT_RECLAIM_BACKOFF_SECONDS = 30.0
 # writing it costs O(guests) (about 50 ms at 1,000 guests), so it is written at
 # most this often and never between a request and its Grant.
 STATE_WRITE_INTERVAL_SECONDS = 1.0
+# A hot-plug the hypervisor refused is not tried again on every arbitration:
+# the refusal is often lasting (no free slot, TCG out of vCPUs, host memory).
+PLUG_BACKOFF_SECONDS = 15.0
 # How long a session's opening waits for the hypervisor to say what is plugged.
 _PLUGGED_TIMEOUT_SECONDS = 5.0
 # Listed memory blocks may exceed plugged bytes by partial blocks (RAM
@@ -81,6 +84,7 @@ class GuestRecord:
     last_request_at: float = 0.0
     last_grant_id: int = 0  # the latest Grant sent in this session
     reclaim_backoff_until: float = 0.0
+    plug_backoff_until: float = 0.0  # after a failed hot-plug, not again before this
     # The newest request that came over the rate limit, taken up in its turn.
     deferred_request: pb.ResourceRequest | None = None
 
@@ -142,6 +146,14 @@ def limits_to_proto(limits: GuestLimits) -> pb.Limits:
             burst=limits.burst.memory,
         ),
     )
+
+
+def guest_words(text: str) -> str:
+    """A guest's free text, fit for one log line: cut short, and with newlines
+    and other control characters escaped, so a guest cannot forge log lines."""
+    cut = text[:_REASON_CHARS]
+    words = "".join(c if c.isprintable() else repr(c)[1:-1] for c in cut)
+    return words + ("..." if len(text) > _REASON_CHARS else "")
 
 
 class ProtocolViolationError(Exception):
@@ -355,7 +367,7 @@ class Broker:
             demand.cpus,
             demand.memory >> 20,
             _URGENCIES.get(request.urgency, f"urgency {request.urgency}"),
-            request.reason[:_REASON_CHARS],
+            guest_words(request.reason),
         )
         self.changed()
 
@@ -459,7 +471,7 @@ class Broker:
             len(removed_blocks),
             guest.online.cpus,
             guest.online.memory >> 20,
-            f" ({ack.note})" if ack.note else "",
+            f" ({guest_words(ack.note)})" if ack.note else "",
         )
         self.changed()
 
@@ -585,15 +597,16 @@ class Broker:
         if not guest.connected or guest.pending:
             return
         new_cpus: list[int] = []
+        may_plug = self._clock() >= guest.plug_backoff_until
         try:
             missing_cpus = target.cpus - len(guest.present_cpus)
-            if missing_cpus > 0:
+            if missing_cpus > 0 and may_plug:
                 started = time.monotonic()
                 new_cpus = await guest.backend.plug_cpus(missing_cpus)
                 guest.present_cpus = guest.present_cpus | set(new_cpus)
                 self.metrics.hotplugged(guest.id, "cpus", time.monotonic() - started)
             missing_memory = target.memory - guest.present_memory
-            if missing_memory > 0:
+            if missing_memory > 0 and may_plug:
                 started = time.monotonic()
                 step = guest.config.memory_step_bytes
                 while missing_memory > 0:
@@ -604,8 +617,14 @@ class Broker:
                     missing_memory -= added
                 self.metrics.hotplugged(guest.id, "memory", time.monotonic() - started)
         except BackendError as err:
-            log.error("guest %s: hot-plug failed: %s", guest.id, err)
+            log.error(
+                "guest %s: hot-plug failed (not tried again for %.0f s): %s",
+                guest.id,
+                PLUG_BACKOFF_SECONDS,
+                err,
+            )
             self.metrics.failure(guest.id, "plug_failed")
+            guest.plug_backoff_until = self._clock() + PLUG_BACKOFF_SECONDS
         granted = Amount(
             min(target.cpus, len(guest.present_cpus)),
             min(target.memory, guest.present_memory),
