@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -429,7 +430,9 @@ class Truth:
 
 def guest_truth(guest: FakeGuest) -> Truth:
     """A consistent reading of the tree; retried while a plug or unplug moves it."""
-    for _ in range(50):
+    for attempt in range(100):
+        if attempt:
+            time.sleep(0.01)  # another process is plugging or removing right now
         try:
             online = guest.online_cpus()
             present = guest.present_cpus()
@@ -455,10 +458,11 @@ def always_problems(
 ) -> list[str]:
     """Invariants that hold at every instant, whatever is in flight.
 
-    The broker's books never over-allocate the pool; no guest is below its
-    minimum or above its burst limit. (What is plugged across guests is
-    compared with the pool by `plugged_problems`: reading several trees is not
-    atomic, so that one is only meaningful when it persists.)
+    The broker's books never over-allocate the pool nor grant above a
+    guest's burst limit; no guest is below its minimum or above that limit.
+    (What is plugged across guests is compared with the pool by
+    `plugged_problems`: reading several trees is not atomic, so that one is
+    only meaningful when it persists.)
     """
     problems = []
     pool = state["pool"]
@@ -477,6 +481,9 @@ def always_problems(
             problems.append(f"{name} below its minimum: {truth}")
         if truth.online_cpus > high_cpus or truth.online_memory > high_memory:
             problems.append(f"{name} above its limits: {truth}")
+        granted = state["guests"][name]["granted"]
+        if granted["cpus"] > high_cpus or granted["memory_bytes"] > high_memory:
+            problems.append(f"{name} granted above its limits: {granted}")
     return problems
 
 

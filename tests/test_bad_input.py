@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import math
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -342,7 +342,13 @@ async def agent_takes(
 def test_agent_survives_any_broker_messages(
     messages: list[pb.BrokerMessage], cpu_minimum: int, memory_blocks: int
 ) -> None:
-    memory_minimum = memory_blocks * BLOCK
+    check_agent_messages(messages, cpu_minimum, memory_blocks * BLOCK)
+
+
+def check_agent_messages(
+    messages: Sequence[pb.BrokerMessage], cpu_minimum: int, memory_minimum: int
+) -> None:
+    """A fresh agent takes `messages`; every rule holds after each (also fuzz_agent.py's target)."""
     with tempfile.TemporaryDirectory() as tmp, errors_logged("vmtide.agent") as errors:
         rig = agent_rig(Path(tmp) / "g", cpu_minimum, memory_minimum)
         run(agent_takes(rig, messages, cpu_minimum, memory_minimum))
@@ -700,6 +706,11 @@ async def broker_takes(rig: BrokerRig, script: Sequence[Step]) -> None:
 @PROPERTY
 @given(script=st.lists(steps, min_size=3, max_size=25))
 def test_broker_survives_any_guest_messages(script: list[Step]) -> None:
+    check_broker_script(script)
+
+
+def check_broker_script(script: Sequence[Step]) -> None:
+    """A fresh broker takes `script`; its books hold after each step (also fuzz_broker.py's)."""
     with tempfile.TemporaryDirectory() as tmp, errors_logged("vmtide.broker") as errors:
         rig = broker_rig(Path(tmp))
         run(broker_takes(rig, script))
@@ -742,6 +753,10 @@ def hellos(draw: st.DrawFn) -> pb.Hello:
 @PROPERTY
 @given(hello=hellos())
 def test_any_hello_is_refused_with_a_reason_or_bounded_by_what_is_plugged(hello: pb.Hello) -> None:
+    check_hello_from_anyone(hello)
+
+
+def check_hello_from_anyone(hello: pb.Hello) -> None:
     with tempfile.TemporaryDirectory() as tmp, errors_logged("vmtide.broker") as errors:
         rig = broker_rig(Path(tmp))
 
@@ -1005,16 +1020,17 @@ def loads_or_says_why(loader: Any, path: Path) -> None:
 def test_any_toml_is_a_config_or_an_error_naming_file_key_and_reason(
     document: dict[str, object],
 ) -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "vmtide.toml"
-        path.write_text(toml_document(document))
-        loads_or_says_why(agent_config_module.load, path)
-        loads_or_says_why(broker_config_module.load, path)
+    check_config_bytes(toml_document(document).encode())
 
 
 @settings(max_examples=200, deadline=None)
 @given(raw=st.binary(max_size=200))
 def test_any_bytes_are_a_config_or_an_error_naming_the_file(raw: bytes) -> None:
+    check_config_bytes(raw)
+
+
+def check_config_bytes(raw: bytes) -> None:
+    """Both loaders on one file: a config or a ConfigError (also fuzz_config.py's target)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "vmtide.toml"
         path.write_bytes(raw)
@@ -1143,6 +1159,10 @@ CPU_LIST = st.one_of(
 @settings(max_examples=300, deadline=None)
 @given(text=CPU_LIST)
 def test_any_cpu_list_is_parsed_or_refused_naming_it(text: str) -> None:
+    check_cpu_list(text)
+
+
+def check_cpu_list(text: str) -> None:
     try:
         cpus = parse_cpu_list(text)
     except ValueError as err:
@@ -1154,6 +1174,10 @@ def test_any_cpu_list_is_parsed_or_refused_naming_it(text: str) -> None:
 @settings(max_examples=300, deadline=None)
 @given(text=PROC_TEXT)
 def test_any_proc_text_is_parsed_or_refused_naming_the_file(text: str) -> None:
+    check_proc_text(text)
+
+
+def check_proc_text(text: str) -> None:
     for parse in (parse_psi, parse_stat, parse_meminfo, parse_vmstat):
         try:
             parse(text, "/proc/x")
@@ -1182,6 +1206,11 @@ PROC_FILES = ["stat", "meminfo", "vmstat", "pressure/cpu", "pressure/memory", "p
 def test_a_guest_tree_with_any_contents_reads_or_fails_naming_the_file(
     sysfs: dict[str, str], procfs: dict[str, str]
 ) -> None:
+    check_guest_tree(sysfs, procfs)
+
+
+def check_guest_tree(sysfs: Mapping[str, str], procfs: Mapping[str, str]) -> None:
+    """A simulated guest whose files hold `sysfs` and `procfs` texts: read, or a clear error."""
     with tempfile.TemporaryDirectory() as tmp:
         guest = FakeGuest(Path(tmp) / "g", possible_cpus=4, boot_cpus=1, boot_blocks=4)
         guest.plug_cpu(1)
