@@ -19,7 +19,7 @@ venv: $(STAMP)
 
 # Regenerate the Python stubs from proto/ (committed, so a guest needs no protoc).
 proto: $(STAMP)
-	$(PY) -m grpc_tools.protoc -Iproto \
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iproto \
 	    --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
 	    proto/vmtide/v1/broker.proto
 

@@ -7,6 +7,7 @@ temporary directory with the pinned grpcio-tools and compares file by file.
 from __future__ import annotations
 
 import filecmp
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,10 @@ GENERATED = "vmtide/v1"
 
 
 def main() -> int:
+    # protoc finds the mypy plugins (protoc-gen-mypy*) on PATH: the venv's bin,
+    # which is not on PATH when make runs .venv/bin/python directly.
+    bindir = str(Path(sys.executable).parent)
+    env = {**os.environ, "PATH": os.pathsep.join([bindir, os.environ.get("PATH", "")])}
     with tempfile.TemporaryDirectory() as tmp:
         subprocess.run(
             [
@@ -32,6 +37,7 @@ def main() -> int:
                 *PROTOS,
             ],
             cwd=ROOT,
+            env=env,
             check=True,
         )
         fresh = Path(tmp) / GENERATED
