@@ -179,13 +179,21 @@ class GuestMessage(_message.Message):
     seq: _builtins.int
     """Per-session sequence number, starting at 1, for logs and debugging."""
     @_builtins.property
-    def hello(self) -> Global___Hello: ...
+    def hello(self) -> Global___Hello:
+        """Always first, exactly once per session."""
+
     @_builtins.property
-    def report(self) -> Global___LoadReport: ...
+    def report(self) -> Global___LoadReport:
+        """Every sensing period."""
+
     @_builtins.property
-    def request(self) -> Global___ResourceRequest: ...
+    def request(self) -> Global___ResourceRequest:
+        """When the policy wants a different size."""
+
     @_builtins.property
-    def ack(self) -> Global___Ack: ...
+    def ack(self) -> Global___Ack:
+        """After acting on a Grant or a Reclaim."""
+
     def __init__(
         self,
         *,
@@ -255,14 +263,20 @@ Global___Hello: _TypeAlias = Hello  # noqa: Y015
 
 @_typing.final
 class Topology(_message.Message):
+    """What the guest's kernel shows in /sys/devices/system/{cpu,memory}."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CPUS_FIELD_NUMBER: _builtins.int
     MEMORY_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def cpus(self) -> Global___CpuTopology: ...
+    def cpus(self) -> Global___CpuTopology:
+        """Logical CPUs: possible, present (plugged) and online."""
+
     @_builtins.property
-    def memory(self) -> Global___MemoryTopology: ...
+    def memory(self) -> Global___MemoryTopology:
+        """Memory blocks, each with its state and zone."""
+
     def __init__(
         self,
         *,
@@ -360,6 +374,7 @@ class MemoryBlock(_message.Message):
     index: _builtins.int
     """N in /sys/devices/system/memory/memoryN."""
     state: Global___BlockState.ValueType
+    """Its `state` file (online, offline, going-offline)."""
     zone: Global___Zone.ValueType
     """The zone of an online block; for an offline block, the zone it would join
     first (the first entry of valid_zones).
@@ -418,14 +433,20 @@ Global___ResourceLimits: _TypeAlias = ResourceLimits  # noqa: Y015
 
 @_typing.final
 class Limits(_message.Message):
+    """Bounds for both resources."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CPUS_FIELD_NUMBER: _builtins.int
     MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def cpus(self) -> Global___ResourceLimits: ...
+    def cpus(self) -> Global___ResourceLimits:
+        """In logical CPUs online."""
+
     @_builtins.property
-    def memory_bytes(self) -> Global___ResourceLimits: ...
+    def memory_bytes(self) -> Global___ResourceLimits:
+        """In bytes online, whole memory blocks."""
+
     def __init__(
         self,
         *,
@@ -527,6 +548,7 @@ class ResourceRequest(_message.Message):
     reason: _builtins.str
     """Human-readable reason from the policy, e.g. "cpu psi some 34% > 10%"."""
     urgency: Global___Urgency.ValueType
+    """How soon the broker should serve it (see Urgency)."""
     seen_grant_id: _builtins.int
     """The last grant_id the guest had received when it asked. Requests and
     grants cross on the wire: a request for less than the latest grant that
@@ -573,7 +595,12 @@ class Ack(_message.Message):
     guest's minimum is 2 CPUs", "no movable block left to offline").
     """
     @_builtins.property
-    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemResult]: ...
+    def items(self) -> _containers.RepeatedCompositeFieldContainer[Global___ItemResult]:
+        """One entry per CPU or block the guest wrote (or found already in the asked
+        state, or could not find); the broker unplugs only those offlined DONE or
+        ALREADY.
+        """
+
     def __init__(
         self,
         *,
@@ -596,6 +623,8 @@ Global___Ack: _TypeAlias = Ack  # noqa: Y015
 
 @_typing.final
 class ItemResult(_message.Message):
+    """What happened to one CPU or memory block."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     KIND_FIELD_NUMBER: _builtins.int
@@ -605,10 +634,13 @@ class ItemResult(_message.Message):
     ERRNO_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
     kind: Global___ResourceKind.ValueType
+    """A CPU or a memory block."""
     index: _builtins.int
     """CPU id or memory block index."""
     action: Global___Action.ValueType
+    """Whether the guest onlined or offlined it."""
     outcome: Global___Outcome.ValueType
+    """What the kernel did."""
     errno: _builtins.int
     """errno of a refusal (0 otherwise), and the kernel's words for it."""
     detail: _builtins.str
@@ -641,13 +673,21 @@ class BrokerMessage(_message.Message):
     RECLAIM_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def welcome(self) -> Global___Welcome: ...
+    def welcome(self) -> Global___Welcome:
+        """The answer to Hello, first and once."""
+
     @_builtins.property
-    def grant(self) -> Global___Grant: ...
+    def grant(self) -> Global___Grant:
+        """More may be online (or the standing entitlement, restated)."""
+
     @_builtins.property
-    def reclaim(self) -> Global___Reclaim: ...
+    def reclaim(self) -> Global___Reclaim:
+        """Give some back."""
+
     @_builtins.property
-    def limits(self) -> Global___LimitsUpdate: ...
+    def limits(self) -> Global___LimitsUpdate:
+        """The host's limits for this guest changed."""
+
     def __init__(
         self,
         *,
@@ -800,7 +840,9 @@ class LimitsUpdate(_message.Message):
 
     LIMITS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def limits(self) -> Global___Limits: ...
+    def limits(self) -> Global___Limits:
+        """The new host limits; the agent applies the tighter of these and its own."""
+
     def __init__(
         self,
         *,
