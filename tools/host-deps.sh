@@ -3,6 +3,8 @@
 # they are missing. One list for `make demo`, `make test` and CI (.ci/run).
 #   qemu-system-x86: the real-VM demo and tests, and the QMP backend tests
 #   busybox-static:  the initramfs of the test guest (tests/vm)
+#   stress-ng:       memory pressure inside the test guest (it runs the host's
+#                    root over 9p, so the host's stress-ng is the guest's)
 #   systemd:         systemd-analyze verifies the units
 #   prometheus:      a real server scrapes both daemons; promtool checks rules
 #   dpkg-dev, lintian, mmdebstrap, rpm, cpio: `make packages` and its tests
@@ -15,7 +17,7 @@
 # affected; the tests run under TCG.
 set -euo pipefail
 
-packages=(make python3 python3-venv python3-dev busybox-static systemd prometheus
+packages=(make python3 python3-venv python3-dev busybox-static stress-ng systemd prometheus
     dpkg-dev lintian mmdebstrap rpm cpio)
 missing=()
 for p in "${packages[@]}"; do

@@ -399,6 +399,10 @@ class VMs:
         self._vms.append(vm)
         return vm
 
+    def started(self) -> list[VM]:
+        """The VMs whose QEMU was launched (their console logs exist)."""
+        return [vm for vm in self._vms if vm.console_path.exists()]
+
     def close(self) -> None:
         for vm in self._vms:
             vm.kill()
