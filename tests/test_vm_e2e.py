@@ -90,6 +90,11 @@ async def test_memory_follows_pressure_in_a_real_guest(
         )
         agent_log = (setup.vm.share / "agent.log").read_text()
         assert "online memory" in agent_log and ": done" in agent_log
+        # Every block beyond the boot memory went online in ZONE_MOVABLE.
+        hot_online = setup.online_blocks() - boot_blocks
+        assert hot_online > 0 and setup.movable_blocks() >= hot_online, setup.vm.explain(
+            f"{setup.movable_blocks()} movable of {hot_online} hot-added blocks online"
+        )
         grown = setup.state()["online"]["memory_bytes"]
         assert grown >= 1 * GiB + 256 * MiB
         # Pressure ends: blocks that offline are unplugged, refusals are
@@ -170,9 +175,9 @@ async def test_broker_restart_and_agent_sigkill_reconverge(vms: VMs, tmp_path: P
         setup.load(cpus=0)
         await setup.until(lambda: setup.guest_cpus() == {0}, SHRINK_TIMEOUT_SECONDS, "cpus down")
         await setup.until(
-            lambda: setup.state()["online"]["cpus"] == 1 and setup.pool()["allocated"]["cpus"] >= 1,
+            lambda: setup.state()["online"]["cpus"] == 1 and setup.pool()["allocated"]["cpus"] == 1,
             30,
-            "the books to follow",
+            "the books to follow: one CPU online, one allocated",
         )
 
 

@@ -3,7 +3,8 @@ this process driving QEMU over QMP. Shared by the end-to-end tests and the demo.
 
 The guest script starts the agent, then follows load instructions written into
 the shared directory (`cpu-load`: busy loops; `mem-load`: MiB held by a
-process) and publishes what its kernel shows (`status`) every second.
+process; `stress`: stress-ng's arguments) and publishes what its kernel shows
+and whether the agent is alive (`status`) every second.
 """
 
 from __future__ import annotations
@@ -45,13 +46,16 @@ SHRINK_TIMEOUT_SECONDS = 150.0
 GUEST_SCRIPT = """
 S=$VMTIDE_SHARE
 start_agent() {{
-    {venv}/vmtide-agent run --config $S/agent.toml >> $S/agent.log 2>&1 &
+    # Scheduled ahead of the load, as its unit does (Nice=-10).
+    nice -n -10 {venv}/vmtide-agent run --config $S/agent.toml >> $S/agent.log 2>&1 &
     agent=$!
 }}
 start_agent
 cpu_workers=""
 mem_worker=""
 mem_now=0
+stress_worker=""
+stress_now=""
 while [ ! -e $S/stop ]; do
     if [ -e $S/kill-agent ]; then
         rm $S/kill-agent
@@ -82,18 +86,36 @@ while [ ! -e $S/stop ]; do
         fi
         mem_now=$mem
     fi
+    stress=""; [ -e $S/stress ] && {{ read stress < $S/stress || true; }}
+    if [ "$stress" != "$stress_now" ]; then
+        if [ -n "$stress_worker" ]; then
+            kill "$stress_worker" || true
+            wait "$stress_worker" || true
+        fi
+        stress_worker=""
+        if [ -n "$stress" ]; then
+            stress-ng --temp-path /tmp $stress >> $S/stress.log 2>&1 &
+            stress_worker=$!
+        fi
+        stress_now=$stress
+    fi
+    alive=0; kill -0 $agent 2>/dev/null && alive=1
     read cpus < /sys/devices/system/cpu/online
     total=0
     while read key value unit; do
         [ "$key" = "MemTotal:" ] && total=$value && break
     done < /proc/meminfo
     online=0
+    movable=0
     for f in /sys/devices/system/memory/memory*/state; do
         read st < $f || continue
-        [ "$st" = online ] && online=$((online + 1))
+        [ "$st" = online ] || continue
+        online=$((online + 1))
+        read zones < ${{f%state}}valid_zones || continue
+        [ "$zones" = Movable ] && movable=$((movable + 1))
     done
     set -- /sys/devices/system/memory/memory*
-    echo "$cpus $total $# $online" > $S/.status
+    echo "$cpus $total $# $online $alive $movable" > $S/.status
     mv $S/.status $S/status
     sleep 1
 done
@@ -161,11 +183,12 @@ class Setup:
         return pool
 
     def _status(self) -> list[str]:
-        """The guest's last status: online CPU list, MemTotal kB, blocks, online blocks."""
+        """The guest's last status: online CPU list, MemTotal kB, blocks, online
+        blocks, 1 if the agent is alive, online blocks in ZONE_MOVABLE."""
         try:
             return (self.vm.share / "status").read_text().split()
         except OSError:
-            return ["", "0", "0", "0"]
+            return ["", "0", "0", "0", "0", "0"]
 
     def guest_cpus(self) -> frozenset[int]:
         return parse_cpu_list(self._status()[0])
@@ -178,6 +201,14 @@ class Setup:
 
     def online_blocks(self) -> int:
         return int(self._status()[3])
+
+    def movable_blocks(self) -> int:
+        """Online blocks in ZONE_MOVABLE (their valid_zones is "Movable")."""
+        return int(self._status()[5])
+
+    def agent_alive(self) -> bool:
+        """The agent the guest script started last is still running."""
+        return self._status()[4:5] == ["1"]
 
     def load(self, cpus: int | None = None, memory_mib: int | None = None) -> None:
         for name, value in (("cpu-load", cpus), ("mem-load", memory_mib)):
@@ -296,6 +327,15 @@ class Rig:
             await self._broker
             self._broker = None
 
+    def print_logs(self) -> None:
+        """The broker's log and each agent's, for a failing test's report."""
+        print("--- broker log (last 80 lines)", *self.log[-80:], sep="\n")
+        for setup in self.guests.values():
+            path = setup.vm.share / "agent.log"
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-80:]
+                print(f"--- agent log of {setup.name} (last 80 lines)", *tail, sep="\n")
+
     async def connected(self) -> None:
         for setup in self.guests.values():
             await setup.vm.wait_started(BOOT_TIMEOUT_SECONDS)
@@ -325,6 +365,9 @@ async def rig(
             if connected:
                 await made.connected()
             yield made
+        except BaseException:
+            made.print_logs()
+            raise
         finally:
             for setup in made.guests.values():
                 (setup.vm.share / "stop").touch()
