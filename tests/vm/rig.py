@@ -81,7 +81,15 @@ while [ ! -e $S/stop ]; do
         [ -n "$mem_worker" ] && {{ kill "$mem_worker" || true; }}
         mem_worker=""
         if [ "$mem" -gt 0 ]; then
-            {venv}/python -c "import time; b = b'x' * ($mem << 20); time.sleep(1e6)" &
+            # Grows 32 MiB at a time, as a working set does: all at once would
+            # be a race between memset and hot-plug that only the OOM killer wins.
+            {venv}/python -c "
+import time
+held = []
+for _ in range($mem // 32):
+    held.append(b'x' * (32 << 20))
+    time.sleep(0.1)
+time.sleep(1e6)" &
             mem_worker=$!
         fi
         mem_now=$mem
