@@ -75,6 +75,12 @@ class Sample:
     # smaller (kernel code, reserved and memmap pages are not in it). 0 means
     # unknown: memory_total rounded up to whole blocks stands in.
     memory_online: int = 0
+    # PSI stall share of this period alone, percent, from the cumulative
+    # `total` counters: what avg10 says ten seconds late. NaN: unknown (the
+    # first period, or a kernel without totals).
+    cpu_some_now: float = math.nan
+    memory_some_now: float = math.nan
+    memory_full_now: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -380,20 +386,39 @@ def _settled(
     stalled: Sequence[bool],
     rising: Sequence[bool],
     falling: Sequence[bool],
+    ongoing: Sequence[bool],
     settle_seconds: float,
-) -> list[bool]:
-    """Which stalls count: avg10 lags, so right after a grow it still shows
-    the stalls the grow answered; only a rising avg10 is news then. Later, a
-    falling avg10 is a stall that has eased (avg10 takes ~20 s to decay from a
-    spike): it does not grow the guest either."""
-    counted = []
+) -> list[str]:
+    """Which stalls count ("" where one does, else why not): avg10 lags, so
+    right after a grow it still shows the stalls the grow answered; only a
+    rising avg10 is news then. Later, a falling avg10 is a stall that has
+    eased (avg10 takes ~20 s to decay from a spike) and does not grow the
+    guest either, unless the period itself still stalled over the threshold
+    (`ongoing`, from the totals): a shortage nobody answered keeps counting
+    while its avg10 drifts down."""
+    why_not = []
     grew_at: float | None = None
     for i, at in enumerate(ats):
         if i and currents[i] > currents[i - 1]:
             grew_at = at
         settling = grew_at is not None and at - grew_at < settle_seconds
-        counted.append(stalled[i] and (rising[i] or not (settling or falling[i])))
-    return counted
+        if not stalled[i]:
+            why_not.append("no stall")
+        elif rising[i]:
+            why_not.append("")
+        elif settling:
+            why_not.append("settling after grow")
+        elif falling[i] and not ongoing[i]:
+            why_not.append("easing")
+        else:
+            why_not.append("")
+    return why_not
+
+
+def _at_least(value: float, threshold: float) -> bool:
+    """A percentage known and at or over the threshold (NaN and junk are unknown)."""
+    number = _percent(value)
+    return number is not None and number >= threshold
 
 
 def _rose(now: float | None, before: float | None) -> bool:
@@ -469,16 +494,18 @@ def _cpu_readings(samples: Sequence[Sample], p: CpuParams) -> _Readings:
         if online is not None:
             busy, psi = _amount(s.cpu_busy), _percent(s.cpu_some)
             parsed.append((s, online, busy, _whole(s.run_queue), psi))
-    stalls = _settled(
+    why_not = _settled(
         [row[0].at for row in parsed],
         [row[1] for row in parsed],
         [row[4] is not None and row[4] >= threshold for row in parsed],
         [i > 0 and _rose(row[4], parsed[i - 1][4]) for i, row in enumerate(parsed)],
         [i > 0 and _fell(row[4], parsed[i - 1][4]) for i, row in enumerate(parsed)],
+        [_at_least(row[0].cpu_some_now, threshold) for row in parsed],
         p.psi_settle_seconds,
     )
     rows = []
-    for (s, online, busy, run_queue, psi), stall in zip(parsed, stalls, strict=True):
+    for (s, online, busy, run_queue, psi), not_counted in zip(parsed, why_not, strict=True):
+        stall = not not_counted
         util_need = _ceil(busy / target) if busy is not None else None
         need: float | None = util_need
         # Every CPU busy all period and more tasks runnable than CPUs: tasks
@@ -499,7 +526,7 @@ def _cpu_readings(samples: Sequence[Sample], p: CpuParams) -> _Readings:
             part = f"busy {busy:.1f}/{online} ({busy / online:.0%})"
             parts.append(part + (f" > {target:.0%}" if busy > target * online else ""))
         if s is last and psi is not None and psi >= threshold:
-            settling = "" if stall else " (settling after grow)"
+            settling = "" if stall else f" ({not_counted})"
             parts.append(f"psi some {psi:.1f}% > {threshold:g}%{settling}")
         if s is last and (stall or saturated) and run_queue is not None and run_queue > online:
             parts.append(f"run queue {run_queue}")
@@ -554,7 +581,7 @@ def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> 
             or (swap_in is not None and swap_in >= swap_limit)
         )
 
-    stalls = _settled(
+    why_not = _settled(
         [row[0].at for row in parsed],
         [row[1] for row in parsed],
         [stalled(row[4]) for row in parsed],
@@ -566,10 +593,16 @@ def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> 
             and not (row[4][2] is not None and row[4][2] >= swap_limit)
             for i, row in enumerate(parsed)
         ],
+        [
+            _at_least(row[0].memory_some_now, some_limit)
+            or _at_least(row[0].memory_full_now, full_limit)
+            for row in parsed
+        ],
         p.psi_settle_seconds,
     )
     rows = []
-    for (s, current, total, available, pressure), stall in zip(parsed, stalls, strict=True):
+    for (s, current, total, available, pressure), not_counted in zip(parsed, why_not, strict=True):
+        stall = not not_counted
         some, full, swap_in = pressure
         need: float | None = None
         urgent = (some is not None and some >= some_limit) or (
@@ -608,7 +641,7 @@ def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> 
         if s is last and swap_in is not None and swap_in >= swap_limit:
             parts.append(f"swap-in {swap_in:.0f}/s > {swap_limit:g}/s")
         if s is last and stalled(pressure) and not stall:
-            parts.append("(settling after grow)")
+            parts.append(f"({not_counted})")
         rows.append(
             _Reading(s.at, current, need, measured, stall, stall, urgent, some, ", ".join(parts))
         )

@@ -245,8 +245,18 @@ class AgentSizer:
     state: PolicyState = field(default_factory=PolicyState)
     samples: list[Sample] = field(default_factory=list)
     granted: tuple[int, int] | None = None  # what was last asked for (and granted at once)
+    # The previous second's (at, cpu, memory) PSI some totals, for the period's own stall.
+    totals: tuple[float, float, float] | None = None
 
     def step(self, cpu: Observation, memory: Observation) -> tuple[int, int]:
+        # The stall share of this period, from the totals, as agent/daemon.py
+        # derives it; the model's PSI full is a quarter of some.
+        cpu_now = memory_now = math.nan
+        if self.totals is not None and cpu.at > self.totals[0]:
+            span_us = (cpu.at - self.totals[0]) * 1e6
+            cpu_now = 100.0 * (cpu.psi_some_total_us - self.totals[1]) / span_us
+            memory_now = 100.0 * (memory.psi_some_total_us - self.totals[2]) / span_us
+        self.totals = (cpu.at, cpu.psi_some_total_us, memory.psi_some_total_us)
         self.samples.append(
             Sample(
                 at=cpu.at,
@@ -259,6 +269,9 @@ class AgentSizer:
                 memory_total=memory.capacity,
                 memory_available=int(memory.capacity - memory.usage),
                 memory_online=memory.capacity,
+                cpu_some_now=cpu_now,
+                memory_some_now=memory_now,
+                memory_full_now=memory_now / 4,
             )
         )
         # Keep what the policy says it reads, no more (decide() costs O(history)).

@@ -296,6 +296,43 @@ def test_decaying_psi_long_after_a_grow_does_not_grow() -> None:
     assert decide_one(samples).memory.direction == "grow"
 
 
+def test_an_unanswered_stall_keeps_asking_while_its_avg10_drifts_down() -> None:
+    # Nothing was granted: the guest still stalls every period (the totals
+    # say so) while avg10 wobbles down. Each decision must still be a grow,
+    # not a grow, hold, grow... that withdraws the request every other second.
+    # MemAvailable alone would not grow it (page cache refaulting, say).
+    samples = history(59, memory_total=1 * GiB, memory_available=700 * MiB)
+    for t, psi in enumerate([9.0, 8.6, 8.1, 7.9, 7.4, 7.0], start=59):
+        samples.append(
+            calm(
+                float(t),
+                memory_total=1 * GiB,
+                memory_available=700 * MiB,
+                memory_some=psi,
+                memory_full=psi / 2,
+                memory_some_now=6.0,
+                memory_full_now=3.0,
+            )
+        )
+        decision = decide_one(samples).memory
+        assert decision.direction == "grow", decision.reason
+    # The same drift with quiet periods has eased: no grow, and it says so.
+    samples[-1] = replace(samples[-1], memory_some_now=0.5, memory_full_now=0.2)
+    decision = decide_one(samples).memory
+    assert decision.direction != "grow" and "easing" in decision.reason, decision.reason
+
+
+def test_cpu_stall_the_totals_still_see_is_not_easing() -> None:
+    # Busy below the utilisation target: only the stall can grow it.
+    samples = history(59, cpu_busy=1.2, run_queue=2)
+    for t, psi in enumerate([20.0, 19.0, 18.5], start=59):
+        samples.append(calm(float(t), cpu_busy=1.2, run_queue=2, cpu_some=psi, cpu_some_now=15.0))
+        assert decide_one(samples).cpu.direction == "grow"
+    samples[-1] = replace(samples[-1], cpu_some_now=0.0)
+    decision = decide_one(samples).cpu
+    assert decision.direction != "grow" and "easing" in decision.reason, decision.reason
+
+
 def test_moderate_psi_holds_a_shrink() -> None:
     samples = history(300, online_cpus=4, cpu_busy=1.0, cpu_some=6.0)
     decision = decide_one(samples).cpu
