@@ -210,6 +210,7 @@ async def _serve(config: AgentConfig) -> int:
         registry,
         topology=lambda: holder[0].topo if holder else None,
         broker=config.broker.enabled,
+        limits=lambda: holder[0].limits if holder else None,
     )
     real_kernel = not config.agent.simulated_kernel and config.agent.sysfs_root == Path("/sys")
     # A simulated guest's pressure files are plain files: a trigger written

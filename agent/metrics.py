@@ -1,10 +1,14 @@
 """The agent's Prometheus metrics.
 
-Topology gauges come from a collector that reads the agent's last snapshot at
-scrape time (no second source of truth); events are counters and histograms
-updated as they happen. Everything registers on the registry it is given, so
-tests use a fresh one. The HTTP endpoint only serves GET: it exposes no
-control.
+Topology gauges and the guest's limits come from collectors that read the
+agent's own state at scrape time (no second source of truth); events are
+counters and histograms updated as they happen. Everything registers on the
+registry it is given, so tests use a fresh one. The HTTP endpoint only serves
+GET: it exposes no control.
+
+Every `resource` label says `cpus` or `memory` (and `io` for pressure), as the
+config's `[limits.cpus]` and `[limits.memory]` do and the broker's
+`vmtide_broker_hotplug_seconds`; counts and bytes never share a metric.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from prometheus_client.registry import Collector
 from agent.kernel import Action, ItemResult, Kind, Outcome
 
 if TYPE_CHECKING:
+    from agent.daemon import EffectiveLimits
     from agent.policy import Decisions
     from agent.sensing import Reading
     from agent.topology import Topology
@@ -27,6 +32,9 @@ if TYPE_CHECKING:
 # From a standby CPU online in milliseconds to a hot-plugged DIMM onlined on
 # a slow emulated guest in tens of seconds.
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# The kernel's item kinds, in the metrics' one resource vocabulary.
+_RESOURCE = {Kind.CPU: "cpus", Kind.MEMORY_BLOCK: "memory"}
 
 
 class TopologyCollector(Collector):
@@ -72,6 +80,49 @@ class TopologyCollector(Collector):
         )
 
 
+class PolicyCollector(Collector):
+    """The policy's last targets and the limits it works within."""
+
+    def __init__(
+        self,
+        decisions: Callable[[], Decisions | None],
+        limits: Callable[[], EffectiveLimits | None],
+    ) -> None:
+        self._decisions = decisions
+        self._limits = limits
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        # No series before the first decision: a target of 0 would be a lie.
+        decisions = self._decisions()
+        if decisions is not None:
+            yield GaugeMetricFamily(
+                "vmtide_agent_target_cpus",
+                "CPUs the policy wants online now",
+                value=decisions.cpu.target,
+            )
+            yield GaugeMetricFamily(
+                "vmtide_agent_target_memory_bytes",
+                "Memory the policy wants online now",
+                value=decisions.memory.target,
+            )
+        limits = self._limits()
+        if limits is None:
+            return
+        for name, what, bounds in (
+            ("vmtide_agent_limit_cpus", "CPUs", limits.cpus),
+            ("vmtide_agent_limit_memory_bytes", "Memory", limits.memory),
+        ):
+            family = GaugeMetricFamily(
+                name,
+                f"{what} the policy keeps the guest within (config tightened by the broker)",
+                labels=["bound"],
+            )
+            family.add_metric(["minimum"], bounds.minimum)
+            family.add_metric(["maximum"], bounds.maximum)
+            family.add_metric(["burst"], bounds.burst)
+            yield family
+
+
 class AgentMetrics:
     def __init__(
         self,
@@ -79,8 +130,13 @@ class AgentMetrics:
         topology: Callable[[], Topology | None] = lambda: None,
         *,
         broker: bool = True,
+        limits: Callable[[], EffectiveLimits | None] = lambda: None,
     ) -> None:
+        """`topology` and `limits` are read at each scrape: the agent's current
+        view of the guest and its effective limits (`Agent.limits`)."""
         registry.register(TopologyCollector(topology))
+        self._last_decisions: Decisions | None = None
+        registry.register(PolicyCollector(lambda: self._last_decisions, limits))
         self.pressure = Gauge(
             "vmtide_agent_pressure_ratio",
             "PSI avg10 stall share (0-1)",
@@ -92,12 +148,6 @@ class AgentMetrics:
         )
         self.memory_available = Gauge(
             "vmtide_agent_memory_available_bytes", "MemAvailable", registry=registry
-        )
-        self.target = Gauge(
-            "vmtide_agent_target",
-            "The policy's target (cpus: count, memory: bytes)",
-            ["resource"],
-            registry=registry,
         )
         self.decisions = Counter(
             "vmtide_agent_decisions_total",
@@ -146,11 +196,11 @@ class AgentMetrics:
         for kind in Kind:
             for action in Action:
                 for outcome in Outcome:
-                    self.operations.labels(kind.value, action.value, outcome.value)
+                    self.operations.labels(_RESOURCE[kind], action.value, outcome.value)
 
     def observe_reading(self, reading: Reading) -> None:
         for resource, kind, value in (
-            ("cpu", "some", reading.cpu_some),
+            ("cpus", "some", reading.cpu_some),
             ("memory", "some", reading.memory_some),
             ("memory", "full", reading.memory_full),
             ("io", "some", reading.io_some),
@@ -161,12 +211,12 @@ class AgentMetrics:
         self.memory_available.set(reading.memory_available)
 
     def observe_decisions(self, decisions: Decisions) -> None:
+        self._last_decisions = decisions
         for resource, decision in (("cpus", decisions.cpu), ("memory", decisions.memory)):
             self.decisions.labels(resource, decision.direction).inc()
-            self.target.labels(resource).set(decision.target)
 
     def observe_item(self, item: ItemResult) -> None:
-        self.operations.labels(item.kind.value, item.action.value, item.outcome.value).inc()
+        self.operations.labels(_RESOURCE[item.kind], item.action.value, item.outcome.value).inc()
 
     def observe_grow_latency(self, resource: str, seconds: float) -> None:
         self.grow_latency.labels(resource).observe(seconds)

@@ -25,8 +25,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent import policy
+from agent.daemon import EffectiveLimits
+from agent.kernel import Kernel
+from agent.metrics import AgentMetrics
+from agent.sensing import Sensor
+from agent.topology import Topology
 from vmtide.fakesys import FakeGuest, Load
 
 REPO = Path(__file__).resolve().parent.parent
@@ -158,6 +165,35 @@ class Ticker:
         self._thread.join(STOP_SECONDS)
 
 
+# ------------------------------------------------- every metric, without a stack
+
+# What a simulated guest's agent could hold: 1-4 CPUs, burst 6; 1-3 GiB, burst 4.
+EXAMPLE_LIMITS = EffectiveLimits(
+    cpus=policy.Limits(1, 4, 6),
+    memory=policy.Limits(1 * GiB, 3 * GiB, 4 * GiB),
+)
+
+
+def example_decisions(cpus: int, memory_bytes: int) -> policy.Decisions:
+    def hold(target: int) -> policy.Decision:
+        return policy.Decision(target, target, "test", policy.Urgency.LOW, bursting=False)
+
+    return policy.Decisions(cpu=hold(cpus), memory=hold(memory_bytes))
+
+
+def populated_agent_metrics(
+    registry: CollectorRegistry, guest_root: Path, limits: EffectiveLimits | None = EXAMPLE_LIMITS
+) -> AgentMetrics:
+    """The agent's metrics with every family they can have: a topology, limits, a reading
+    and a decision."""
+    guest = FakeGuest(guest_root)
+    topology = Topology.read(Kernel(guest.sysfs, guest.procfs))
+    metrics = AgentMetrics(registry, topology=lambda: topology, limits=lambda: limits)
+    metrics.observe_reading(Sensor(guest.procfs).sample())
+    metrics.observe_decisions(example_decisions(topology.online_cpus, topology.online_memory_bytes))
+    return metrics
+
+
 # ---------------------------------------------------------- the running stack
 
 
@@ -203,7 +239,8 @@ reconnect_max_seconds = 0.5
 
 [limits.cpus]
 minimum = 1
-maximum = {possible_cpus}
+maximum = {agent_max_cpus}
+burst = {agent_burst_cpus}
 
 [limits.memory]
 minimum_bytes = "1GiB"
@@ -229,6 +266,10 @@ class StackConfig:
     pool_cpus: int = 4
     pool_memory: int = 4 * GiB
     max_memory: int = 2 * GiB  # both the agent's and the broker's limit
+    # The agent's own CPU limits (the broker's maximum is every possible CPU):
+    # 0 is every possible CPU, and no burst above the maximum.
+    agent_max_cpus: int = 0
+    agent_burst_cpus: int = 0
     # What the workload wants, by seconds since the guest's clock started. Idle
     # by default: the policy's shrink windows are minutes long, so nothing
     # changes size while the tests look.
@@ -287,7 +328,13 @@ def running_stack(workdir: Path, config: StackConfig | None = None) -> Iterator[
         )
     )
     (workdir / "agent.toml").write_text(
-        AGENT_TOML.format(**common, metrics_port=agent_port, agent_extra=config.agent_extra)
+        AGENT_TOML.format(
+            **common,
+            metrics_port=agent_port,
+            agent_max_cpus=config.agent_max_cpus or config.possible_cpus,
+            agent_burst_cpus=config.agent_burst_cpus,
+            agent_extra=config.agent_extra,
+        )
     )
     ticker = Ticker(guest, config.load)
     processes: list[Process] = []

@@ -68,7 +68,7 @@ async def test_cpus_follow_load_up_and_down(tmp_path: Path, guest: FakeGuest) ->
         # What the guest offlined was unplugged: nothing left plugged but unused.
         await until(lambda: guest.present_cpus() == {0}, 10, "cpus unplugged")
         await until(lambda: state(tmp_path)["online"]["cpus"] == 1, 5, "broker books match")
-    offline_done = agent.metrics.operations.labels("cpu", "offline", "done")._value.get()
+    offline_done = agent.metrics.operations.labels("cpus", "offline", "done")._value.get()
     assert offline_done >= 2
 
 
@@ -117,7 +117,7 @@ async def test_memory_follows_load_and_refusals_are_reported(
             10,
             "broker accounting matches the guest",
         )
-    refused = agent.metrics.operations.labels("memory_block", "offline", "refused")._value.get()
+    refused = agent.metrics.operations.labels("memory", "offline", "refused")._value.get()
     assert refused >= 1
     assert guest.online_memory_bytes() >= 1 * GiB  # never below the minimum
 

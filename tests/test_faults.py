@@ -387,7 +387,7 @@ async def test_a_block_vanishing_as_it_is_offlined(tmp_path: Path) -> None:
         IDLE,
         AT_MINIMUM,
     )
-    assert counted(agent, "memory_block", "offline", "not_found") == 1
+    assert counted(agent, "memory", "offline", "not_found") == 1
 
 
 def counted(agent: Any, kind: str, action: str, outcome: str) -> float:
@@ -437,8 +437,8 @@ async def test_eio_on_online_is_retried(tmp_path: Path) -> None:
         BUSY,
         lambda t: t.online_cpus >= 3 and t.online_memory > 1 * GiB,
     )
-    assert counted(agent, "cpu", "online", "refused") == 2
-    assert counted(agent, "memory_block", "online", "refused") == 2
+    assert counted(agent, "cpus", "online", "refused") == 2
+    assert counted(agent, "memory", "online", "refused") == 2
 
 
 async def test_eio_on_offline_is_retried(tmp_path: Path, quick_retry: None) -> None:
@@ -451,14 +451,14 @@ async def test_eio_on_offline_is_retried(tmp_path: Path, quick_retry: None) -> N
         ]
 
     agent, _ = await in_process_pair(tmp_path, faults, BUSY, IDLE, AT_MINIMUM)
-    assert counted(agent, "cpu", "offline", "refused") == 1
-    assert counted(agent, "memory_block", "offline", "refused") == 1
+    assert counted(agent, "cpus", "offline", "refused") == 1
+    assert counted(agent, "memory", "offline", "refused") == 1
 
 
 async def test_eio_reading_sysfs_in_the_middle_of_a_reclaim(tmp_path: Path) -> None:
-    # The agent offlines, then cannot read the block list: no Ack goes out and
-    # the reclaim times out at the broker. What went offline must still be
-    # unplugged once sysfs reads again.
+    # The agent offlines, then cannot read the block list: its Ack reports
+    # what it did before it stopped. What went offline must be unplugged, and
+    # the books must match once sysfs reads again.
     agent, _ = await in_process_pair(
         tmp_path, lambda guest: [], BUSY, IDLE, AT_MINIMUM, kernel_type=FlakyKernel
     )

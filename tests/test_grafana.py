@@ -27,6 +27,7 @@ from prom_helpers import (
     Stack,
     StackConfig,
     http_get,
+    populated_agent_metrics,
     promql,
     promql_range,
     running_prometheus,
@@ -36,11 +37,8 @@ from prom_helpers import (
 )
 from prometheus_client import CollectorRegistry
 
-from agent.kernel import Kernel
-from agent.metrics import AgentMetrics
-from agent.topology import Topology
 from broker.metrics import BrokerMetrics
-from vmtide.fakesys import FakeGuest, Load
+from vmtide.fakesys import Load
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD = REPO / "packaging" / "grafana" / "vmtide.json"
@@ -147,10 +145,8 @@ def test_layout_fits_the_grid_without_overlaps() -> None:
 
 def defined_series(tmp_path: Path) -> set[str]:
     """Every series name the agent and the broker can expose."""
-    guest = FakeGuest(tmp_path / "guest")
-    topology = Topology.read(Kernel(guest.sysfs, guest.procfs))
     agent_registry, broker_registry = CollectorRegistry(), CollectorRegistry()
-    AgentMetrics(agent_registry, topology=lambda: topology)
+    populated_agent_metrics(agent_registry, tmp_path / "guest")
     BrokerMetrics(broker_registry)
     suffixes = {
         "counter": ("_total",),
@@ -173,7 +169,8 @@ def test_queries_name_only_metrics_vmtide_defines(tmp_path: Path) -> None:
         name for v in variables for name in re.findall(r"\bvmtide_\w+", v.get("definition", ""))
     }
     assert used - defined == set(), "not defined by agent/metrics.py or broker/metrics.py"
-    # Every resource the dashboard promises shows: pressure, pool, resize events.
+    # Every resource the dashboard promises shows: pressure, pool, resize events,
+    # demand against limits.
     for name in (
         "vmtide_agent_pressure_ratio",
         "vmtide_broker_pool_allocated",
@@ -181,9 +178,33 @@ def test_queries_name_only_metrics_vmtide_defines(tmp_path: Path) -> None:
         "vmtide_broker_grants_total",
         "vmtide_broker_reclaims_total",
         "vmtide_broker_failures_total",
-        "vmtide_agent_target",
+        "vmtide_agent_target_cpus",
+        "vmtide_agent_target_memory_bytes",
+        "vmtide_agent_limit_cpus",
+        "vmtide_agent_limit_memory_bytes",
     ):
         assert name in used, name
+
+
+def test_the_limits_show_beside_online_and_demand() -> None:
+    """Each resource's panel draws its limits with what is online and what the policy wants."""
+    for metric, unit in (("cpus", "short"), ("memory_bytes", "bytes")):
+        panels = [
+            p
+            for p in query_panels()
+            if any(f"vmtide_agent_limit_{metric}" in t["expr"] for t in p["targets"])
+        ]
+        assert len(panels) == 1, (metric, [p["title"] for p in panels])
+        (panel,) = panels
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        assert f"vmtide_agent_target_{metric}" in exprs, panel["title"]
+        assert 'state="online"' in exprs, panel["title"]
+        assert panel["fieldConfig"]["defaults"]["unit"] == unit, panel["title"]
+        (limits,) = (t for t in panel["targets"] if "vmtide_agent_limit" in t["expr"])
+        # One line per bound, each with its own style.
+        styled = {o["matcher"]["options"] for o in panel["fieldConfig"]["overrides"]}
+        for bound in ("minimum", "maximum", "burst"):
+            assert limits["legendFormat"].replace("{{bound}}", bound) in styled, bound
 
 
 # ------------------------------------------------------------- live queries

@@ -26,8 +26,10 @@ class SystemdNotifier:
     def __call__(self, state: str) -> None:
         if self._socket is None:
             return
+        # Never block the caller's loop: a full queue (PID 1 stalled) drops
+        # this message (EAGAIN), and the next cycle sends another.
         with contextlib.suppress(OSError):  # systemd gone (shutdown): nothing to tell
-            self._socket.sendto(state.encode(), self._address)
+            self._socket.sendto(state.encode(), socket.MSG_DONTWAIT, self._address)
 
     def close(self) -> None:
         if self._socket is not None:

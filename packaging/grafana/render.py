@@ -329,6 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         pool_cpus=4,
         pool_memory=4 * GiB,
         max_memory=3 * GiB,
+        # A maximum below the possible CPUs and a burst above it: the limits'
+        # lines apart, and the CPU burst phase pressed against the maximum.
+        agent_max_cpus=3,
+        agent_burst_cpus=4,
         load=pattern(phases),
         agent_extra=AGENT_POLICY.format(window=window),
     )
@@ -352,7 +356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for p in phases
                 )
                 note = (
-                    f"One simulated guest ({stack.guest_id}: 4 possible CPUs, 1 booted, 1 GiB),"
+                    f"One simulated guest ({stack.guest_id}: 4 possible CPUs, 1 booted, 1 GiB;"
+                    f" limits 1-3 CPUs, burst 4, 1-3 GiB),"
                     f" the real agent and broker, a real Prometheus scraping every second."
                     f" Load over {(end - start) / 60:.1f} minutes: {described}."
                     f" Shrink windows {window:g} s (production: minutes);"
