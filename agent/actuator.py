@@ -2,8 +2,9 @@
 
 Chooses which CPUs and blocks move, writes through the kernel interface, and
 returns one result per item it touched. Growth takes standby resources in
-index order; shrinking gives back the highest CPUs first (never a CPU without
-an `online` file) and only blocks in ZONE_MOVABLE, whose pages can migrate.
+index order; shrinking gives back the highest CPUs first (never cpu0, never a
+CPU without an `online` file) and only blocks in ZONE_MOVABLE, whose pages can
+migrate.
 Nothing here ever takes the guest below the floor it is given.
 
 The methods block (sysfs writes, memory migration): the daemon runs them in a
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Collection
 
 from agent.crashpoint import crash_point
-from agent.kernel import ItemResult, Kernel, OnlineType, Outcome
+from agent.kernel import BOOT_CPU, ItemResult, Kernel, OnlineType, Outcome
 from agent.topology import Topology
 
 log = logging.getLogger("vmtide.agent.actuator")
@@ -62,7 +63,8 @@ class Actuator:
         online = topo.online_cpus
         results = []
         for cpu in sorted(
-            (c for c in topo.cpus if c.online and c.hotpluggable), key=lambda c: -c.id
+            (c for c in topo.cpus if c.online and c.hotpluggable and c.id != BOOT_CPU),
+            key=lambda c: -c.id,
         ):
             if online <= goal:
                 break
@@ -70,7 +72,7 @@ class Actuator:
             result = self.kernel.set_cpu(cpu.id, online=False)
             crash_point("offline.after-write")
             results.append(result)
-            online -= result.ok
+            online -= _gone(result)
         return results
 
     def online_memory(
@@ -123,5 +125,12 @@ class Actuator:
             result = self.kernel.offline_block(block.index, timeout=timeout)
             crash_point("offline.after-write")
             results.append(result)
-            online -= topo.block_size * result.ok
+            online -= topo.block_size * _gone(result)
         return results
+
+
+def _gone(result: ItemResult) -> bool:
+    """Whether an offline took the item out of what is online: done, already,
+    or vanished (the host unplugged it meanwhile; counting it would offline
+    one more than asked)."""
+    return result.ok or result.outcome is Outcome.NOT_FOUND

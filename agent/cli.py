@@ -33,6 +33,11 @@ EXIT_CONFIG = 78
 # mlockall(2) flags; MCL_ONFAULT (Linux 4.4) locks pages as they are touched,
 # so the agent's resident set stays small but is never paged out.
 _MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
+# The daemon rewrites its live state every sensing cycle (at most once a
+# second): older than this many cycles, no daemon is running, or it is stuck.
+_LIVE_STATE_STALE_CYCLES = 3
+_LIVE_STATE_STALE_MIN_SECONDS = 5.0
+_MiB = 1 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,7 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     run.set_defaults(handler=_run)
 
-    status = sub.add_parser("status", help="show what the agent sees and would do")
+    status = sub.add_parser(
+        "status",
+        help="show what the running agent sees and does (else a one-shot sample)",
+    )
     common(status)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.set_defaults(handler=_status)
@@ -196,7 +204,7 @@ async def _serve(config: AgentConfig) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from agent.actuator import Actuator
-    from agent.daemon import Agent
+    from agent.daemon import Agent, LiveStateFile
     from agent.metrics import AgentMetrics
     from agent.sensing import PressureWatch
     from agent.udev import UdevMonitor, find_onlining_rules
@@ -213,6 +221,7 @@ async def _serve(config: AgentConfig) -> int:
         limits=lambda: holder[0].limits if holder else None,
     )
     real_kernel = not config.agent.simulated_kernel and config.agent.sysfs_root == Path("/sys")
+    state_path = config.agent.live_state_file
     # A simulated guest's pressure files are plain files: a trigger written
     # there would corrupt them, and they never signal.
     pressure = (
@@ -234,11 +243,11 @@ async def _serve(config: AgentConfig) -> int:
         pressure=pressure,
         uevents=UdevMonitor() if real_kernel else None,
         notify=notifier,
+        # A fake tree is not governed by this machine's udev rules.
+        onlining_rules=find_onlining_rules() if real_kernel else (),
+        state_file=LiveStateFile(state_path) if state_path is not None else None,
     )
     holder.append(agent)
-    if real_kernel:
-        for rule in find_onlining_rules():
-            log.info("udev rule %s onlines hot-added resources; vmtide works alongside it", rule)
     if config.metrics.enabled and config.metrics.port:
         start_http_server(config.metrics.port, config.metrics.address, registry=registry)
         log.info("metrics on http://%s:%d/metrics", config.metrics.address, config.metrics.port)
@@ -265,12 +274,54 @@ async def _serve(config: AgentConfig) -> int:
     return 0
 
 
+def read_live_state(path: Path, now: float) -> tuple[dict[str, Any] | None, str]:
+    """The running daemon's state, or None and why there is none to show."""
+    try:
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None, f"no agent is publishing its state at {path}"
+    except OSError as err:
+        return None, f"cannot read {path}: {err.strerror or err}"
+    except ValueError:
+        return None, f"{path} is not a state file"
+    try:
+        age = now - float(state["written_at"])
+        interval = float(state["sensing_interval_seconds"])
+    except (KeyError, TypeError, ValueError):
+        return None, f"{path} is not a state file"
+    stale = max(_LIVE_STATE_STALE_CYCLES * interval, _LIVE_STATE_STALE_MIN_SECONDS)
+    if age > stale:
+        return None, f"{path} is {age:.0f} s old: the agent is not running, or stuck"
+    state["age_seconds"] = round(max(age, 0.0), 1)
+    return state, ""
+
+
 def _status(args: argparse.Namespace) -> int:
     try:
         config = _load_config(args)
     except ConfigError as err:
         print(f"vmtide-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    path = config.agent.live_state_file
+    if path is None:
+        live, why = None, "the agent does not publish its state ([agent] publish_state = false)"
+    else:
+        live, why = read_live_state(path, time.time())
+    if live is not None and args.json:
+        print(json.dumps(live, indent=2))
+        return 0
+    if live is not None:
+        try:
+            print("\n".join(_live_lines(live)))
+            return 0
+        except (KeyError, TypeError, ValueError) as err:
+            # Written by another version of the agent (one running since an upgrade).
+            why = f"{path} has no {err} (another agent version?)"
+    return _one_shot_status(args, config, why)
+
+
+def _one_shot_status(args: argparse.Namespace, config: AgentConfig, why: str) -> int:
+    """A fresh sample and what a fresh policy would do with it: no daemon's view."""
     from agent.daemon import effective_limits, make_sample
 
     kernel = make_kernel(config)
@@ -289,6 +340,8 @@ def _status(args: argparse.Namespace) -> int:
         [sample], limits.cpus, limits.memory, topo.block_size, config.policy, policy.PolicyState()
     )
     status: dict[str, Any] = {
+        "source": "one-shot",
+        "why_not_live": why,
         "cpus": {
             "possible": len(topo.possible_cpus),
             "present": len(topo.cpus),
@@ -319,36 +372,122 @@ def _status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
         return 0
+    print(f"one-shot sample with a fresh policy state ({why})")
     cpu, mem = status["cpus"], status["memory"]
-    mib = 1 << 20
-    print(
+    lines = _resource_lines(
+        status,
+        f"would hold {cpu['would']['target']}: {cpu['would']['reason']}",
+        f"would hold {mem['would']['target'] // _MiB} MiB: {mem['would']['reason']}",
+    )
+    print("\n".join(lines))
+    return 0
+
+
+def _resource_lines(status: dict[str, Any], cpu_decision: str, memory_decision: str) -> list[str]:
+    """The lines both views share: CPUs, memory and pressure."""
+    lines = []
+    cpu, mem, psi = status["cpus"], status["memory"], status["pressure"]
+    cpu_limits, mem_limits = cpu["limits"], mem["limits"]
+    busy = "" if cpu["busy"] is None else f"; busy {cpu['busy']:.2f}"
+    lines.append(
         f"cpus    {cpu['online']} online of {cpu['present']} present, {cpu['possible']} possible;"
-        f" standby {cpu['standby'] or 'none'}; busy {cpu['busy']:.2f}"
+        f" standby {cpu['standby'] or 'none'}{busy}"
     )
-    print(
-        f"        limits {limits.cpus.minimum}-{limits.cpus.maximum} (burst {limits.cpus.burst});"
-        f" would hold {decisions.cpu.target}: {decisions.cpu.reason}"
+    lines.append(
+        f"        limits {cpu_limits['minimum']}-{cpu_limits['maximum']}"
+        f" (burst {cpu_limits['burst']}); {cpu_decision}"
     )
-    print(
-        f"memory  {mem['online_bytes'] // mib} MiB online ({mem['movable_online_bytes'] // mib} MiB"
-        f" movable), {len(topo.standby_blocks)} standby blocks of {topo.block_size // mib} MiB;"
-        f" available {reading.memory_available // mib} MiB; auto_online_blocks={topo.auto_online}"
+    available = (
+        ""
+        if mem["available_bytes"] is None
+        else f"; available {mem['available_bytes'] // _MiB} MiB"
     )
-    print(
-        f"        limits {limits.memory.minimum // mib}-{limits.memory.maximum // mib} MiB"
-        f" (burst {limits.memory.burst // mib} MiB);"
-        f" would hold {decisions.memory.target // mib} MiB:"
-        f" {decisions.memory.reason}"
+    lines.append(
+        f"memory  {mem['online_bytes'] // _MiB} MiB online ({mem['movable_online_bytes'] // _MiB}"
+        f" MiB movable), {len(mem['standby_blocks'])} standby blocks of"
+        f" {mem['block_size_bytes'] // _MiB} MiB{available};"
+        f" auto_online_blocks={mem['auto_online_blocks']}"
     )
-    psi = status["pressure"]
+    lines.append(
+        f"        limits {mem_limits['minimum'] // _MiB}-{mem_limits['maximum'] // _MiB} MiB"
+        f" (burst {mem_limits['burst'] // _MiB} MiB); {memory_decision}"
+    )
     if psi["available"]:
-        print(
+        lines.append(
             f"psi     cpu some {psi['cpu_some']:.1f}%, memory some {psi['memory_some']:.1f}%"
             f" full {psi['memory_full']:.1f}%, io some {psi['io_some']:.1f}%"
         )
     else:
-        print("psi     not available on this kernel (sampling only)")
-    return 0
+        lines.append("psi     not available on this kernel (sampling only)")
+    return lines
+
+
+def _decision_text(decision: dict[str, Any] | None) -> str:
+    # A reason names the resource and the move ("cpu 2->3: busy ...").
+    return "decision: none yet" if decision is None else f"decision: {decision['reason']}"
+
+
+def _live_lines(state: dict[str, Any]) -> list[str]:
+    """The running daemon's view; built whole, so a state file it cannot read
+    (another agent version) prints nothing rather than half."""
+    lines = []
+    broker = state["broker"]
+    lines.append(
+        f"agent   pid {state['pid']}, guest {state['guest_id']!r};"
+        f" live state {state['age_seconds']:.1f} s old"
+    )
+    granted = state["entitlement"]
+    entitlement = (
+        f"may hold {granted['cpus']} cpus, {granted['memory_bytes'] // _MiB} MiB"
+        if granted
+        else "no grant yet (keeps what it has)"
+    )
+    if not broker["enabled"]:
+        lines.append(
+            "broker  none (standalone: the guest keeps its size, onlines what is hot-added)"
+        )
+    elif broker["connected"]:
+        lines.append(
+            f"broker  connected to {broker['target']}, session {broker['session_id']}"
+            f" ({broker['reconnects']} reconnects); {entitlement}"
+        )
+    else:
+        lines.append(
+            f"broker  not connected to {broker['target']}"
+            f" ({broker['reconnects']} reconnects); {entitlement}"
+        )
+    lines += _resource_lines(
+        state,
+        _decision_text(state["cpus"]["decision"]),
+        _decision_text(state["memory"]["decision"]),
+    )
+    request = state["last_request"]
+    if request is not None:
+        ago = max(0.0, state["written_at"] - request["at"])
+        lines.append(
+            f"request {request['request_id']}, {ago:.0f} s ago: {request['cpus']} cpus,"
+            f" {request['memory_bytes'] // _MiB} MiB ({request['urgency']}): {request['reason']}"
+        )
+    pending = state["pending"]
+    parts = []
+    if pending["acting"] is not None:
+        parts.append(f"{pending['acting']['what']} for {pending['acting']['seconds']:.1f} s")
+    short = pending["granted_not_online"]
+    if short and (short["cpus"] or short["memory_bytes"]):
+        parts.append(
+            f"granted but not online: {short['cpus']} cpus, {short['memory_bytes'] // _MiB} MiB"
+        )
+    lines.append(f"pending {'; '.join(parts) or 'nothing'}")
+    for index, decision in enumerate(reversed(state["recent_decisions"])):
+        when = time.strftime("%H:%M:%S", time.localtime(decision["at"]))
+        lines.append(f"{'recent' if index == 0 else '':<8}{when} {decision['reason']}")
+    errors = state["cycle_errors"]
+    if errors["expected"] or errors["unexpected"]:
+        lines.append(
+            f"errors  {errors['expected']} sensing cycles failed reading sysfs or procfs,"
+            f" {errors['unexpected']} on a bug (see the journal)"
+        )
+    return lines
 
 
 if __name__ == "__main__":

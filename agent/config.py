@@ -15,6 +15,8 @@ from agent.policy import PolicyParams
 from vmtide.config import ConfigError, build, load_toml
 
 DEFAULT_PATH = Path("/etc/vmtide/agent.toml")
+# The unit's RuntimeDirectory=vmtide: writable under ProtectSystem=strict.
+DEFAULT_STATE_FILE = Path("/run/vmtide-agent/state.json")
 GiB = 1 << 30
 
 
@@ -40,6 +42,23 @@ class AgentSection:
     # The agent's own OOM score: the OOM killer must never pick the process
     # that can add memory. The unit sets it too (OOMScoreAdjust=-1000).
     oom_score_adj: int = -1000
+    # The live state `vmtide-agent status` shows, rewritten about once a second.
+    publish_state: bool = True
+    state_file: Path = DEFAULT_STATE_FILE
+
+    @property
+    def live_state_file(self) -> Path | None:
+        """Where the daemon publishes its state; None when it does not.
+
+        A run on a fake tree keeps the default path off the real /run, where
+        it could pass for the guest's own agent: the file goes next to the tree.
+        """
+        if not self.publish_state:
+            return None
+        fake = self.simulated_kernel or self.sysfs_root != Path("/sys")
+        if fake and self.state_file == DEFAULT_STATE_FILE:
+            return self.sysfs_root.parent / "agent.json"
+        return self.state_file
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.sensing_interval_seconds <= 60:

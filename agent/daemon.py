@@ -3,7 +3,8 @@
 One asyncio loop runs four tasks: sensing (every period, or at once when a PSI
 trigger fires), the broker link, uevents, and a periodic sysfs rescan. Kernel
 writes run in a worker thread, one batch at a time, so the loop never blocks on
-memory migration.
+memory migration, and sensing never waits for a batch in progress: it feeds
+systemd's watchdog and publishes the live state `vmtide-agent status` shows.
 
 Rules the daemon keeps whatever the broker says:
 - never below the configured minimum: missing CPUs or memory are onlined from
@@ -20,11 +21,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
+import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent import policy
@@ -33,14 +38,22 @@ from agent.config import AgentConfig
 from agent.crashpoint import crash_point
 from agent.kernel import Action, ItemResult, KernelReadError, Kind, Outcome
 from agent.metrics import AgentMetrics
-from agent.sensing import PressureWatch, Reading, Sensor
+from agent.sensing import PressureWatch, ProcParseError, Reading, Sensor
 from agent.session import BrokerLink
 from agent.topology import Topology
-from agent.udev import Uevent, UeventSource
+from agent.udev import OnliningRule, Uevent, UeventSource
 from vmtide import PROTOCOL_VERSION, __version__
 from vmtide.v1 import broker_pb2 as pb
 
 log = logging.getLogger("vmtide.agent")
+
+# `vmtide-agent status` reads the live state; more often would be wasted writes.
+STATE_WRITE_INTERVAL_SECONDS = 1.0
+# Decision changes kept for `status`.
+RECENT_DECISIONS = 10
+# A warning that repeats (a file unreadable every cycle) is logged once per
+# this long, with how often it was seen meanwhile.
+REPEAT_WARNING_SECONDS = 60.0
 
 _URGENCY = {
     policy.Urgency.LOW: pb.URGENCY_LOW,
@@ -130,6 +143,68 @@ def item_to_proto(item: ItemResult) -> pb.ItemResult:
     )
 
 
+class RepeatedWarnings:
+    """Log a warning once per interval however often it recurs (WALinuxAgent's
+    periodic operations): a sysfs file unreadable for an hour is 60 lines, not
+    3,600."""
+
+    def __init__(
+        self, interval: float = REPEAT_WARNING_SECONDS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._seen: dict[str, tuple[float, int]] = {}  # message: (last logged, repeats since)
+
+    def warn(self, message: str) -> None:
+        now = self._clock()
+        logged, repeats = self._seen.get(message, (-math.inf, 0))
+        if now - logged < self._interval:
+            self._seen[message] = (logged, repeats + 1)
+            return
+        if len(self._seen) > 64:  # messages naming ever new files stay bounded
+            self._seen.clear()
+        self._seen[message] = (now, 0)
+        extra = f" (and {repeats} times more since it was last logged)" if repeats else ""
+        log.warning("%s%s", message, extra)
+
+
+class LiveStateFile:
+    """What the daemon sees and does, as JSON for `vmtide-agent status`.
+
+    Replaced atomically (write, then rename), so a reader never sees half a
+    file. A write that fails is logged once and retried at the next one: the
+    state file is a convenience, never a reason to stop resizing.
+    """
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path = path
+        self._clock = clock
+        self._written_at = -math.inf
+        self._failing = False
+
+    def due(self) -> bool:
+        return self._clock() - self._written_at >= STATE_WRITE_INTERVAL_SECONDS
+
+    def write(self, state: dict[str, Any]) -> None:
+        self._written_at = self._clock()
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(state))
+            os.replace(tmp, self.path)
+        except OSError as err:
+            if not self._failing:
+                log.warning("cannot write the live state %s: %s", self.path, err)
+            self._failing = True
+        else:
+            self._failing = False
+
+    def remove(self) -> None:
+        """On a clean stop: `status` then says at once that no daemon runs."""
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+
 class Agent:
     """Composition of the daemon's parts; `run()` drives them until stopped."""
 
@@ -145,6 +220,8 @@ class Agent:
         uevents: UeventSource | None = None,
         link_factory: Callable[[Agent], BrokerLink] | None = None,
         notify: Callable[[str], None] = lambda state: None,
+        onlining_rules: Sequence[OnliningRule] = (),
+        state_file: LiveStateFile | None = None,
     ) -> None:
         self.config = config
         self.actuator = actuator
@@ -154,7 +231,11 @@ class Agent:
         self.pressure = pressure
         self.uevents = uevents
         self.notify = notify
+        self.onlining_rules = tuple(onlining_rules)
+        self.state_file = state_file
         self.topo = actuator.topology()
+        # Bumped at every new snapshot, so a slower read never replaces a newer one.
+        self._topo_generation = 0
         self.broker_limits: pb.Limits | None = None
         self.limits = effective_limits(config, self.topo, None)
         # What the broker lets this guest hold; None until it says (then the
@@ -167,8 +248,17 @@ class Agent:
         )
         self.policy_state = policy.PolicyState()
         self.decisions: policy.Decisions | None = None
+        self.recent_decisions: collections.deque[dict[str, Any]] = collections.deque(
+            maxlen=RECENT_DECISIONS
+        )
         self.last_reading: Reading | None = None
+        self.last_request: dict[str, Any] | None = None
+        # Sensing cycles that failed on sysfs or procfs changing underfoot
+        # (expected), and on anything else (a bug).
+        self.cycle_errors = {"expected": 0, "unexpected": 0}
+        self._warnings = RepeatedWarnings()
         self._act_lock = asyncio.Lock()
+        self._acting: tuple[str, float] | None = None  # what holds the lock, since when
         self._seen_ids: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
         self._request_id = 0
         self._last_request: tuple[int, int, float] | None = None  # cpus, bytes, when
@@ -187,19 +277,30 @@ class Agent:
                 "vmtide leaves onlining to it and only offlines what the broker reclaims",
                 self.topo.auto_online,
             )
+        for rule in self.onlining_rules:
+            log.info("udev rule %s onlines hot-added resources; vmtide works alongside it", rule)
+
+    def _set_topology(self, topo: Topology) -> None:
+        self.topo = topo
+        self._topo_generation += 1
+        self.limits = effective_limits(self.config, topo, self.broker_limits)
 
     # ------------------------------------------------------------------ run
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.ensure_minimum("start")
         self.notify("READY=1")
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._sensing_loop(stop))
-            tasks.create_task(self._rescan_loop(stop))
-            if self.link is not None:
-                tasks.create_task(self.link.run(stop))
-            if self.uevents is not None:
-                tasks.create_task(self._uevent_loop(stop))
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                tasks.create_task(self._sensing_loop(stop))
+                tasks.create_task(self._rescan_loop(stop))
+                if self.link is not None:
+                    tasks.create_task(self.link.run(stop))
+                if self.uevents is not None:
+                    tasks.create_task(self._uevent_loop(stop))
+        finally:
+            if self.state_file is not None:
+                self.state_file.remove()
         log.info("agent stopped")
 
     async def _sensing_loop(self, stop: asyncio.Event) -> None:
@@ -209,12 +310,20 @@ class Agent:
             try:
                 await self.sense_and_decide()
                 self.metrics.observe_cycle(ok=True)
+            except (KernelReadError, ProcParseError) as err:
+                # sysfs and procfs change under the agent's feet (a CPU
+                # ejected mid-read): one line, and the next cycle reads again.
+                self.cycle_errors["expected"] += 1
+                self._warnings.warn(f"sensing cycle: {err}; the guest keeps its current size")
+                self.metrics.observe_cycle(ok=False)
             except Exception:
                 # A broken cycle must not stop resizing silently (MOM's policy
                 # crash did): log loudly, count it, keep the guest as it is.
+                self.cycle_errors["unexpected"] += 1
                 log.exception("sensing cycle failed; the guest keeps its current size")
                 self.metrics.observe_cycle(ok=False)
             self.notify("WATCHDOG=1")
+            self._publish()
             remaining = max(interval - (time.monotonic() - started), 0.0)
             if self.pressure is not None and self.pressure.available:
                 # A PSI trigger ends the wait early: the next cycle sees the spike.
@@ -223,6 +332,17 @@ class Agent:
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), remaining)
+
+    def _publish(self) -> None:
+        if self.state_file is None or not self.state_file.due():
+            return
+        try:
+            state = self.live_state()
+        except Exception:
+            # A bug here must not stop the sensing loop (and with it the watchdog).
+            log.exception("cannot build the live state")
+            return
+        self.state_file.write(state)
 
     async def _rescan_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -312,6 +432,9 @@ class Agent:
                 continue
             if before is not None and before.target == decision.target:
                 continue
+            self.recent_decisions.append(
+                {"at": time.time(), "resource": name, **_decision_state(decision)}
+            )
             log.info(
                 "decision %s %s %s -> %s: %s",
                 name,
@@ -364,10 +487,18 @@ class Agent:
             min(want.cpus, granted.cpus) > have.cpus
             or min(want.memory_bytes, granted.memory_bytes) > have.memory_bytes
         ):
-            await self.act(
-                "policy",
-                Amount(min(want.cpus, granted.cpus), min(want.memory_bytes, granted.memory_bytes)),
+            target = Amount(
+                min(want.cpus, granted.cpus), min(want.memory_bytes, granted.memory_bytes)
             )
+            if not self._act_lock.locked():
+                await self.act("policy", target)
+            else:
+                # A reclaim's offlining can hold the lock for its whole
+                # deadline plus the kill grace: waiting here would stop the
+                # sampling, the reports and the watchdog (WatchdogSec=30s)
+                # with it. The next cycle tries again.
+                busy = self._acting[0] if self._acting else "a rescan"
+                log.debug("%s in progress; growing at a later cycle", busy)
         self._request(want, decisions)
 
     def _request(self, want: Amount, decisions: policy.Decisions) -> None:
@@ -412,6 +543,14 @@ class Agent:
             )
         )
         self._last_request = (want.cpus, want.memory_bytes, now)
+        self.last_request = {
+            "request_id": self._request_id,
+            "at": time.time(),
+            "cpus": want.cpus,
+            "memory_bytes": want.memory_bytes,
+            "urgency": urgency.name.lower(),
+            "reason": "; ".join(reasons) or "holding",
+        }
         log.info(
             "request %d: %d cpus, %s (%s)",
             self._request_id,
@@ -427,21 +566,31 @@ class Agent:
         why: str,
         target: Amount,
         only: tuple[Collection[int], Collection[int]] | None = None,
-    ) -> list[ItemResult]:
+    ) -> tuple[list[ItemResult], str]:
         """Online standby resources up to `target` (never offlines); `only`
-        restricts it to these CPUs and blocks."""
+        restricts it to these CPUs and blocks. Returns the items and a note
+        on why it stopped short, if it did."""
         async with self._act_lock:
-            results = await asyncio.to_thread(self._online_up_to, target, only)
-            await self._after_act(why, results)
-        return results
+            self._acting = (why, time.monotonic())
+            try:
+                results, note = await asyncio.to_thread(self._online_up_to, target, only)
+                await self._after_act(why, results, note)
+            finally:
+                self._acting = None
+        return results, note
 
     def _online_up_to(
         self, target: Amount, only: tuple[Collection[int], Collection[int]] | None
-    ) -> list[ItemResult]:
+    ) -> tuple[list[ItemResult], str]:
         cpus, blocks = only if only is not None else (None, None)
-        results = self.actuator.online_cpus(target.cpus, cpus)
-        results += self.actuator.online_memory(target.memory_bytes, blocks)
-        return results
+        results: list[ItemResult] = []
+        try:
+            results += self.actuator.online_cpus(target.cpus, cpus)
+            results += self.actuator.online_memory(target.memory_bytes, blocks)
+        except KernelReadError as err:
+            # What was onlined before the read failed is still reported.
+            return results, f"stopped: {err}"
+        return results, ""
 
     async def release(self, target: Amount, deadline: float) -> tuple[list[ItemResult], str]:
         """Offline down to `target`, never below the minimum; returns items and a note."""
@@ -452,8 +601,16 @@ class Agent:
         if target.memory_bytes < floor.memory_bytes:
             notes.append(f"the guest's minimum is {_fmt('memory', floor.memory_bytes)}")
         async with self._act_lock:
-            results = await asyncio.to_thread(self._offline_down_to, target, floor, deadline)
-            await self._after_act("reclaim", results)
+            self._acting = ("reclaim", time.monotonic())
+            try:
+                results, note = await asyncio.to_thread(
+                    self._offline_down_to, target, floor, deadline
+                )
+                await self._after_act("reclaim", results, note)
+            finally:
+                self._acting = None
+        if note:
+            notes.append(note)
         topo = self.topo
         if topo.online_memory_bytes > max(target.memory_bytes, floor.memory_bytes):
             notes.append(
@@ -487,15 +644,34 @@ class Agent:
             log.info("standby the guest does not need: %s", ", ".join(map(str, items)))
         return items
 
-    def _offline_down_to(self, target: Amount, floor: Amount, deadline: float) -> list[ItemResult]:
-        results = self.actuator.offline_cpus(target.cpus, floor.cpus)
-        results += self.actuator.offline_memory(target.memory_bytes, floor.memory_bytes, deadline)
-        return results
+    def _offline_down_to(
+        self, target: Amount, floor: Amount, deadline: float
+    ) -> tuple[list[ItemResult], str]:
+        results: list[ItemResult] = []
+        try:
+            results += self.actuator.offline_cpus(target.cpus, floor.cpus)
+            results += self.actuator.offline_memory(
+                target.memory_bytes, floor.memory_bytes, deadline
+            )
+        except KernelReadError as err:
+            # CPUs offlined before the block list failed to read must still be
+            # in the Ack, or the broker never unplugs them.
+            return results, f"stopped: {err}"
+        return results, ""
 
-    async def _after_act(self, why: str, results: Sequence[ItemResult]) -> None:
-        self.topo = await asyncio.to_thread(self.actuator.topology)
-        self._known_standby = self.topo.standby
-        self.limits = effective_limits(self.config, self.topo, self.broker_limits)
+    async def _after_act(self, why: str, results: Sequence[ItemResult], note: str) -> None:
+        if note:
+            log.warning("resize (%s): %s", why, note)
+        try:
+            topo = await asyncio.to_thread(self.actuator.topology)
+        except KernelReadError as err:
+            # The Ack must still go out, with the items the kernel reported:
+            # without it the broker never unplugs what went offline. The next
+            # rescan reads the truth.
+            log.warning("resize (%s): %s; counting from the items instead", why, err)
+            topo = self.topo.applied(results)
+        self._set_topology(topo)
+        self._known_standby = topo.standby
         now = time.monotonic()
         for item in results:
             self.metrics.observe_item(item)
@@ -530,7 +706,7 @@ class Agent:
     async def reconcile(self, why: str) -> None:
         """Rescan sysfs: uevents get lost, and hot-plug may finish after a grant."""
         async with self._act_lock:
-            self.topo = await asyncio.to_thread(self.actuator.topology)
+            self._set_topology(await asyncio.to_thread(self.actuator.topology))
         await self.ensure_minimum(why)
         granted = self.entitlement
         connected = self.link is not None and self.link.connected
@@ -563,19 +739,39 @@ class Agent:
         await self.act(f"hot-add, {why}", target, only=(new_cpus, new_blocks))
 
     async def _act_and_ack(self, why: str, target: Amount) -> None:
-        results = await self.act(why, target)
+        results, note = await self.act(why, target)
         if results and self._last_grant_id:
-            self._send_ack(pb.Ack(grant_id=self._last_grant_id), results)
+            self._send_ack(pb.Ack(grant_id=self._last_grant_id, note=note), results)
 
     # --------------------------------------------------------------- broker
 
-    def hello(self) -> pb.Hello:
+    async def hello(self) -> pb.Hello:
+        """The first message of a session, with the topology as sysfs shows it now.
+
+        The cached snapshot may be a rescan interval old, and the host may have
+        plugged or unplugged while the session was down: the broker checks the
+        Hello against what it plugged and reconciles its books from it.
+        """
+        generation = self._topo_generation
+        try:
+            topo = await asyncio.to_thread(self.actuator.topology)
+        except KernelReadError as err:
+            log.warning("hello: %s; sending the last topology read", err)
+            topo = self.topo
+        else:
+            # An act that finished meanwhile read after this: keep its snapshot.
+            if generation == self._topo_generation and not self._act_lock.locked():
+                self._set_topology(topo)
+        proto = topo.to_proto()
+        if any(rule.onlines_memory for rule in self.onlining_rules):
+            # auto_online means the kernel or a udev rule onlines hot-added memory.
+            proto.memory.auto_online = True
         cpus, memory = self.limits.cpus, self.limits.memory
         return pb.Hello(
             protocol_version=PROTOCOL_VERSION,
             guest_id=self.guest_id,
             agent_version=__version__,
-            topology=self.topo.to_proto(),
+            topology=proto,
             limits=pb.Limits(
                 cpus=pb.ResourceLimits(
                     minimum=cpus.minimum, maximum=cpus.maximum, burst=cpus.burst
@@ -665,8 +861,10 @@ class Agent:
             f" (capped: {'; '.join(problems)})" if problems else "",
         )
         crash_point("grant.received")
-        results = await self.act(f"grant {grant.grant_id}", self.entitlement)
+        results, note = await self.act(f"grant {grant.grant_id}", self.entitlement)
         crash_point("grant.before-ack")
+        if note:
+            problems.append(note)
         self._send_ack(pb.Ack(grant_id=grant.grant_id, note="; ".join(problems)), results)
 
     async def _on_reclaim(self, reclaim: pb.Reclaim) -> None:
@@ -699,12 +897,92 @@ class Agent:
             log.warning("reclaim %d: %s", reclaim.reclaim_id, note)
         self._send_ack(pb.Ack(reclaim_id=reclaim.reclaim_id, note=note), results)
 
+    # --------------------------------------------------------------- status
+
+    def live_state(self) -> dict[str, Any]:
+        """What `vmtide-agent status` shows of the running daemon.
+
+        The cpus, memory and pressure sections have the keys of the one-shot
+        status, so a reader of either finds the counts in the same place.
+        """
+        topo, limits, reading, decisions = self.topo, self.limits, self.last_reading, self.decisions
+        now = time.monotonic()
+        link = self.link
+        granted = self.entitlement
+        acting = None
+        if self._acting is not None:
+            acting = {"what": self._acting[0], "seconds": round(now - self._acting[1], 1)}
+        short: dict[str, int] = {}
+        if granted is not None:
+            short = {
+                "cpus": max(0, granted.cpus - topo.online_cpus),
+                "memory_bytes": max(0, granted.memory_bytes - topo.online_memory_bytes),
+            }
+        return {
+            "source": "daemon",
+            "pid": os.getpid(),
+            "written_at": time.time(),
+            "sensing_interval_seconds": self.config.agent.sensing_interval_seconds,
+            "guest_id": self.guest_id,
+            "cpus": {
+                "possible": len(topo.possible_cpus),
+                "present": len(topo.cpus),
+                "online": topo.online_cpus,
+                "standby": list(topo.standby_cpus),
+                "limits": dataclasses.asdict(limits.cpus),
+                "busy": round(reading.cpu_busy, 3) if reading else None,
+                "decision": _decision_state(decisions.cpu) if decisions else None,
+            },
+            "memory": {
+                "block_size_bytes": topo.block_size,
+                "online_bytes": topo.online_memory_bytes,
+                "movable_online_bytes": sum(b.movable for b in topo.blocks) * topo.block_size,
+                "standby_blocks": list(topo.standby_blocks),
+                "available_bytes": reading.memory_available if reading else None,
+                "auto_online_blocks": topo.auto_online,
+                "udev_onlining_rules": [str(r.path) for r in self.onlining_rules],
+                "limits": dataclasses.asdict(limits.memory),
+                "decision": _decision_state(decisions.memory) if decisions else None,
+            },
+            "pressure": {
+                "available": reading.psi_available if reading else False,
+                "cpu_some": reading.cpu_some if reading else 0.0,
+                "memory_some": reading.memory_some if reading else 0.0,
+                "memory_full": reading.memory_full if reading else 0.0,
+                "io_some": reading.io_some if reading else 0.0,
+            },
+            "broker": {
+                "enabled": link is not None,
+                "target": self.config.broker.target,
+                "connected": link is not None and link.connected,
+                "session_id": link.session_id if link is not None and link.connected else "",
+                "reconnects": link.reconnects if link is not None else 0,
+                "last_grant_id": self._last_grant_id,
+            },
+            "entitlement": dataclasses.asdict(granted) if granted is not None else None,
+            "last_request": self.last_request,
+            "pending": {"acting": acting, "granted_not_online": short},
+            "recent_decisions": list(self.recent_decisions),
+            "cycle_errors": dict(self.cycle_errors),
+        }
+
     def _send_ack(self, ack: pb.Ack, results: Sequence[ItemResult]) -> None:
         ack.items.extend(item_to_proto(r) for r in results)
         ack.online_cpus = self.topo.online_cpus
         ack.online_memory_bytes = self.topo.online_memory_bytes
         if self.link is not None:
             self.link.send(pb.GuestMessage(ack=ack))
+
+
+def _decision_state(decision: policy.Decision) -> dict[str, Any]:
+    return {
+        "direction": decision.direction,
+        "current": decision.current,
+        "target": decision.target,
+        "urgency": decision.urgency.name.lower(),
+        "bursting": decision.bursting,
+        "reason": decision.reason,
+    }
 
 
 def _ask(decision: policy.Decision, granted: int) -> int:

@@ -38,6 +38,11 @@ MEMORY_OFFLINE_TIMEOUT_SECONDS = 10.0
 # still alive after this is abandoned rather than blocking the agent.
 WORKER_KILL_GRACE_SECONDS = 5.0
 
+# The boot CPU. Some kernels expose cpu0/online (x86 with
+# CONFIG_BOOTPARAM_HOTPLUG_CPU0 until 6.5, arm64, ppc64), but firmware and
+# drivers may still depend on it (suspend, legacy interrupts), and a refusal
+# on a higher CPU must never walk the shrink down to it.
+BOOT_CPU = 0
 # Far above any kernel's NR_CPUS (8192 on x86 with MAXSMP).
 MAX_CPUS = 1 << 16
 
@@ -401,49 +406,58 @@ class Kernel:
             return ItemResult(Kind.CPU, cpu_id, action, Outcome.ALREADY)
         return self._write(Kind.CPU, cpu_id, action, state_file, "1" if online else "0", timeout)
 
-    def online_block(self, index: int, how: OnlineType = OnlineType.MOVABLE) -> ItemResult:
-        """Online one memory block, by default into ZONE_MOVABLE so it can be given back."""
+    def _block_state(self, index: int, action: Action) -> str | ItemResult:
+        """A block's state file, or the result that ends the operation on it.
+
+        Only the state: valid_zones makes the kernel walk the block's zones,
+        which costs more than the check is worth, and a read that fails (the
+        block going away under the agent) is a per-item result, not a raise.
+        """
         path = self._memory / f"memory{index}" / "state"
-        # Only the state: valid_zones makes the kernel walk the block's zones,
-        # which costs more than the check is worth on the growth path.
         try:
-            state = path.read_text().strip()
+            return path.read_text().strip()
         except OSError as err:
             if isinstance(err, FileNotFoundError) or err.errno == errno.ENODEV:
                 return ItemResult(
-                    Kind.MEMORY_BLOCK,
-                    index,
-                    Action.ONLINE,
-                    Outcome.NOT_FOUND,
-                    errno.ENOENT,
-                    "vanished",
+                    Kind.MEMORY_BLOCK, index, action, Outcome.NOT_FOUND, errno.ENOENT, "vanished"
                 )
             code = err.errno or errno.EIO
             return ItemResult(
-                Kind.MEMORY_BLOCK, index, Action.ONLINE, Outcome.REFUSED, code, os.strerror(code)
+                Kind.MEMORY_BLOCK, index, action, Outcome.REFUSED, code, os.strerror(code)
             )
+
+    def online_block(self, index: int, how: OnlineType = OnlineType.MOVABLE) -> ItemResult:
+        """Online one memory block, by default into ZONE_MOVABLE so it can be given back."""
+        state = self._block_state(index, Action.ONLINE)
+        if isinstance(state, ItemResult):
+            return state
         if state == BlockState.ONLINE.value:
             # Writing "online" to an online block fails with EINVAL
             # (drivers/base/memory.c state_store), so do not write.
             return ItemResult(Kind.MEMORY_BLOCK, index, Action.ONLINE, Outcome.ALREADY)
+        path = self._memory / f"memory{index}" / "state"
         return self._write(Kind.MEMORY_BLOCK, index, Action.ONLINE, path, how.value, None)
 
     def offline_block(
         self, index: int, timeout: float | None = MEMORY_OFFLINE_TIMEOUT_SECONDS
     ) -> ItemResult:
         """Offline one memory block, giving up at the deadline."""
-        block = self.memory_block(index)
-        if block is None:
+        state = self._block_state(index, Action.OFFLINE)
+        if isinstance(state, ItemResult):
+            return state
+        if state == BlockState.OFFLINE.value:
+            return ItemResult(Kind.MEMORY_BLOCK, index, Action.OFFLINE, Outcome.ALREADY)
+        if state not in (BlockState.ONLINE.value, BlockState.GOING_OFFLINE.value):
+            # Not a state this kernel interface knows: writing blind could
+            # fail any way, so refuse and let the next rescan look again.
             return ItemResult(
                 Kind.MEMORY_BLOCK,
                 index,
                 Action.OFFLINE,
-                Outcome.NOT_FOUND,
-                errno.ENOENT,
-                "vanished",
+                Outcome.REFUSED,
+                errno.EIO,
+                f"unknown state {state!r}",
             )
-        if block.state is BlockState.OFFLINE:
-            return ItemResult(Kind.MEMORY_BLOCK, index, Action.OFFLINE, Outcome.ALREADY)
         path = self._memory / f"memory{index}" / "state"
         return self._write(Kind.MEMORY_BLOCK, index, Action.OFFLINE, path, "offline", timeout)
 

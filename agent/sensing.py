@@ -12,6 +12,12 @@ text and raise `ProcParseError` naming the file and the reason.
 
 This runs while the guest may be thrashing, so a sample allocates only a few
 small strings and records; nothing here caches history.
+
+Total CPU times come from psutil, which reads only the first line of
+/proc/stat. Per-CPU times do not: psutil.cpu_times(percpu=True) lists CPUs by
+position, and once a guest offlines a CPU the position is no longer the CPU
+number, so deltas would compare different CPUs. `parse_stat` keys them by
+number and also gives procs_running, which psutil does not expose.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+import psutil
 
 logger = logging.getLogger("vmtide.agent.sensing")
 
@@ -164,6 +172,40 @@ class Stat:
     procs_running: int  # runnable tasks, including the reader itself
 
 
+@dataclass(frozen=True, slots=True)
+class CpuTimes:
+    """Total CPU time in seconds (psutil's unit); like CpuJiffies, only deltas count."""
+
+    total: float  # user..steal
+    idle: float  # idle + iowait + steal
+
+
+def read_cpu_times(procfs: Path) -> CpuTimes:
+    """Total CPU times over every CPU, through psutil, from `procfs`/stat."""
+    path = procfs / "stat"
+    # psutil takes its procfs root from a module global: set it for this call
+    # only, so the rest of the process (and other Sensors) keep their own. The
+    # agent samples from its event loop thread alone. Its read buffer (32 KiB)
+    # is freed at once, and malloc usually hands the same pages back next time.
+    saved = psutil.PROCFS_PATH
+    psutil.PROCFS_PATH = str(procfs)
+    try:
+        times = psutil.cpu_times()
+    except OSError as err:
+        raise ProcParseError(path, f"unreadable: {err.strerror or err}") from err
+    except (TypeError, ValueError) as err:  # too few fields, or not numbers
+        raise ProcParseError(path, f"line 1: bad aggregate cpu line ({err})") from None
+    finally:
+        psutil.PROCFS_PATH = saved
+    if not all(math.isfinite(value) for value in times):
+        raise ProcParseError(path, "line 1: CPU times are not finite numbers")
+    # guest and guest_nice are already counted in user and nice.
+    busy = times.user + times.nice + times.system + times.irq + times.softirq
+    # Steal is the host running someone else on this vCPU (see _cpu_jiffies).
+    idle = times.idle + times.iowait + times.steal
+    return CpuTimes(total=busy + idle, idle=idle)
+
+
 def _cpu_jiffies(path: Path | str, lineno: int, line: str, fields: list[str]) -> CpuJiffies:
     if len(fields) < _STAT_MIN_FIELDS:
         raise ProcParseError(
@@ -287,7 +329,7 @@ _NO_PSI = Psi(some=PsiLine(0.0, 0.0, 0.0, 0), full=None)
 _VMSTAT_KEYS = frozenset({"pswpin", "pswpout"})
 
 
-def _busy_fraction(before: CpuJiffies, after: CpuJiffies) -> float:
+def _busy_fraction(before: CpuJiffies | CpuTimes, after: CpuJiffies | CpuTimes) -> float:
     total = after.total - before.total
     if total <= 0:
         return 0.0
@@ -301,6 +343,7 @@ def _busy_fraction(before: CpuJiffies, after: CpuJiffies) -> float:
 class _Previous:
     at: float
     stat: Stat
+    cpu_times: CpuTimes
     pswpin: int
     pswpout: int
 
@@ -351,6 +394,7 @@ class Sensor:
         at = self._clock()
         stat_path = self._procfs / "stat"
         stat = parse_stat(self._read(stat_path), stat_path)
+        cpu_times = read_cpu_times(self._procfs)
         meminfo_path = self._procfs / "meminfo"
         meminfo = parse_meminfo(self._read(meminfo_path), meminfo_path)
         vmstat_path = self._procfs / "vmstat"
@@ -374,13 +418,15 @@ class Sensor:
         pswpout = vmstat.get("pswpout", 0)
         online_cpus = len(stat.per_cpu)
         previous = self._previous
-        self._previous = _Previous(at=at, stat=stat, pswpin=pswpin, pswpout=pswpout)
+        self._previous = _Previous(
+            at=at, stat=stat, cpu_times=cpu_times, pswpin=pswpin, pswpout=pswpout
+        )
         if previous is None:
             cpu_busy = 0.0
             per_cpu_busy = (0.0,) * online_cpus
             swap_in_per_s = swap_out_per_s = 0.0
         else:
-            cpu_busy = _busy_fraction(previous.stat.aggregate, stat.aggregate) * online_cpus
+            cpu_busy = _busy_fraction(previous.cpu_times, cpu_times) * online_cpus
             # A CPU onlined since the last sample has no baseline yet: report 0.
             per_cpu_busy = tuple(
                 _busy_fraction(before, jiffies)

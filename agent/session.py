@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,7 +65,7 @@ class BrokerLink:
     def __init__(
         self,
         config: BrokerSection,
-        hello: Callable[[], pb.Hello],
+        hello: Callable[[], pb.Hello | Awaitable[pb.Hello]],
         on_message: MessageHandler,
         on_state: Callable[[bool], None] = lambda connected: None,
         channel_factory: Callable[[BrokerSection], grpc.aio.Channel] = make_channel,
@@ -127,7 +128,12 @@ class BrokerLink:
         outbox: asyncio.Queue[pb.GuestMessage | None] = asyncio.Queue()
         self._outbox = outbox
         self._seq = 1
-        first = pb.GuestMessage(seq=1, hello=self._hello())
+        # Built now, not at the last rescan: what was plugged while the session
+        # was down is in it. The agent reads sysfs for it (a coroutine).
+        hello = self._hello()
+        if inspect.isawaitable(hello):
+            hello = await hello
+        first = pb.GuestMessage(seq=1, hello=hello)
 
         async def outgoing() -> AsyncIterator[pb.GuestMessage]:
             yield first

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.kernel import BlockState, Cpu, Kernel, MemoryBlock
+from agent.kernel import (
+    BOOT_CPU,
+    Action,
+    BlockState,
+    Cpu,
+    ItemResult,
+    Kernel,
+    Kind,
+    MemoryBlock,
+    Outcome,
+)
 from vmtide.v1 import broker_pb2 as pb
 
 _BLOCK_STATES = {
@@ -30,6 +42,34 @@ class Topology:
             block_size=kernel.block_size(),
             blocks=tuple(kernel.memory_blocks()),
             auto_online=kernel.auto_online_blocks(),
+        )
+
+    def applied(self, results: Iterable[ItemResult]) -> Topology:
+        """This snapshot with what the kernel reported item by item.
+
+        Only for when sysfs cannot be read back after a resize: an estimate
+        good enough to acknowledge with until the next rescan reads the truth.
+        """
+        cpus = {c.id: c for c in self.cpus}
+        blocks = {b.index: b for b in self.blocks}
+        for item in results:
+            if item.kind is Kind.CPU and item.index in cpus:
+                if item.outcome is Outcome.NOT_FOUND:
+                    del cpus[item.index]
+                elif item.ok:
+                    online = item.action is Action.ONLINE
+                    cpus[item.index] = dataclasses.replace(cpus[item.index], online=online)
+            elif item.kind is Kind.MEMORY_BLOCK and item.index in blocks:
+                if item.outcome is Outcome.NOT_FOUND:
+                    del blocks[item.index]
+                elif item.ok:
+                    online = item.action is Action.ONLINE
+                    state = BlockState.ONLINE if online else BlockState.OFFLINE
+                    blocks[item.index] = dataclasses.replace(blocks[item.index], state=state)
+        return dataclasses.replace(
+            self,
+            cpus=tuple(cpus[i] for i in sorted(cpus)),
+            blocks=tuple(blocks[i] for i in sorted(blocks)),
         )
 
     @property
@@ -66,7 +106,8 @@ class Topology:
                 possible=sorted(self.possible_cpus),
                 present=[c.id for c in self.cpus],
                 online=online,
-                pinned=[c.id for c in self.cpus if not c.hotpluggable],
+                # cpu0 too where it has an `online` file: the agent never offlines it.
+                pinned=[c.id for c in self.cpus if not c.hotpluggable or c.id == BOOT_CPU],
             ),
             memory=pb.MemoryTopology(
                 block_size_bytes=self.block_size,

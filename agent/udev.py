@@ -96,31 +96,88 @@ async def _put_on(stop: asyncio.Event, queue: asyncio.Queue[Uevent | None]) -> N
     queue.put_nowait(None)
 
 
-def find_onlining_rules(dirs: Iterable[Path] = RULE_DIRS) -> list[Path]:
-    """udev rules that online hot-added CPUs or memory (RHEL 8, SUSE images).
+@dataclass(frozen=True)
+class OnliningRule:
+    """A udev rules file that onlines hot-added CPUs or memory by itself."""
+
+    path: Path
+    subsystems: frozenset[str]  # of "cpu", "memory"
+
+    @property
+    def onlines_memory(self) -> bool:
+        return "memory" in self.subsystems
+
+    def __str__(self) -> str:
+        names = {"cpu": "CPUs", "memory": "memory"}
+        return f"{self.path} ({' and '.join(names[s] for s in sorted(self.subsystems))})"
+
+
+# One `KEY{attr}<op>"value"` of a rule line.
+_RULE_PAIR = re.compile(r'([A-Za-z_]+(?:\{[^}]*\})?)\s*(==|!=|\+=|-=|:=|=)\s*"([^"]*)"')
+_ASSIGN = ("=", ":=", "+=")
+
+
+def find_onlining_rules(dirs: Iterable[Path] = RULE_DIRS) -> list[OnliningRule]:
+    """udev rules that online hot-added CPUs or memory (RHEL, SUSE images).
 
     vmtide works with them rather than against them: their onlining shows up
-    as "already online" and is accounted as such.
+    as "already online" and is accounted as such. As udev does, a file in an
+    earlier directory hides one of the same name in a later one (a link to
+    /dev/null masks it).
     """
     found = []
+    seen: set[str] = set()
     for directory in dirs:
         try:
             rules = sorted(directory.glob("*.rules"))
         except OSError:
             continue
         for rule in rules:
+            if rule.name in seen:
+                continue
+            seen.add(rule.name)
             try:
                 text = rule.read_text(errors="replace")
             except OSError:
                 continue
-            for line in text.splitlines():
-                if line.lstrip().startswith("#"):
-                    continue
-                if (
-                    re.search(r'SUBSYSTEM=="(cpu|memory)"', line)
-                    and "online" in line
-                    and "ATTR" in line
-                ):
-                    found.append(rule)
-                    break
+            if subsystems := onlining_subsystems(text):
+                found.append(OnliningRule(rule, subsystems))
     return found
+
+
+def onlining_subsystems(text: str) -> frozenset[str]:
+    """The subsystems ("cpu", "memory") whose devices these rules online.
+
+    Two shapes occur: a line that matches the subsystem and assigns the state
+    (SUSE, RHEL 7), and a section the other subsystems jump over (RHEL 8's
+    `SUBSYSTEM!="memory", GOTO="memory_hotplug_end"`, then
+    `ATTR{state}="$env{.state}"`, up to its LABEL). Tests such as
+    `ATTR{state}=="online"` assign nothing and do not count.
+    """
+    found: set[str] = set()
+    sections: list[tuple[str, str]] = []  # (GOTO label, the subsystem it is limited to)
+    for line in text.replace("\\\n", " ").splitlines():
+        if line.lstrip().startswith("#"):
+            continue
+        pairs = _RULE_PAIR.findall(line)
+        values = {(key, op): value for key, op, value in pairs}
+        if (label := values.get(("LABEL", "="))) is not None:
+            sections = [s for s in sections if s[0] != label]
+        skip_unless = values.get(("SUBSYSTEM", "!="))
+        if skip_unless is not None and ("GOTO", "=") in values:
+            sections.append((values[("GOTO", "=")], skip_unless))
+            continue
+        subsystem = values.get(("SUBSYSTEM", "=="), sections[-1][1] if sections else "")
+        for key, op, value in pairs:
+            if op in _ASSIGN and subsystem in _SUBSYSTEMS and _onlines(subsystem, key, value):
+                found.add(subsystem)
+    return frozenset(found)
+
+
+def _onlines(subsystem: str, key: str, value: str) -> bool:
+    """Whether assigning `value` to `key` onlines a CPU or memory block."""
+    if key == "RUN":
+        return "online" in value  # "/bin/sh -c 'echo online > /sys$devpath/state'"
+    if subsystem == "memory":
+        return key == "ATTR{state}" and value != "offline"  # or "$env{.state}"
+    return key == "ATTR{online}" and value == "1"

@@ -733,7 +733,7 @@ def hellos(draw: st.DrawFn) -> pb.Hello:
         for _ in range(draw(st.integers(0, 24)))
     ]
     block_size = draw(
-        st.one_of(st.just(BLOCK), st.integers(0, 64).map(lambda n: 1 << n), st.integers(0, U64_MAX))
+        st.one_of(st.just(BLOCK), st.integers(0, 63).map(lambda n: 1 << n), st.integers(0, U64_MAX))
     )
     return pb.Hello(
         protocol_version=draw(st.one_of(st.just(1), u32())),

@@ -125,6 +125,23 @@ def test_agent_errors_name_file_key_reason(
     assert str(info.value).startswith(f"{path}: {key}: ")
 
 
+@pytest.mark.parametrize(
+    ("agent", "where"),
+    [
+        ("", "/run/vmtide-agent/state.json"),
+        ('state_file = "/var/tmp/vmtide.json"', "/var/tmp/vmtide.json"),
+        ("publish_state = false", None),
+        # A fake tree never writes the real /run: its state goes next to the tree.
+        ('sysfs_root = "/tmp/g/sys"', "/tmp/g/agent.json"),
+        ('sysfs_root = "/tmp/g/sys"\nstate_file = "/tmp/s.json"', "/tmp/s.json"),
+        ('sysfs_root = "/tmp/g/sys"\npublish_state = false', None),
+    ],
+)
+def test_where_the_live_state_goes(tmp_path: Path, agent: str, where: str | None) -> None:
+    config = agent_config.load(write(tmp_path, f"[agent]\n{agent}\n"))
+    assert config.agent.live_state_file == (Path(where) if where else None)
+
+
 def test_malformed_toml_names_the_file(tmp_path: Path) -> None:
     path = write(tmp_path, "[agent\nguest_id = 'x'\n")
     with pytest.raises(ConfigError, match=r"agent.toml: not valid TOML"):

@@ -3,18 +3,31 @@ hostile or confused broker messages, hot-adds without a broker, and its minimum.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import errno
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any, cast
 
+import grpc.aio
 import pytest
-from simulation import agent_config, make_agent
+from prometheus_client import CollectorRegistry
+from simulation import LoadDriver, agent_config, make_agent, running
 
 from agent import policy
+from agent.actuator import Actuator
 from agent.config import AgentConfig, CpuLimits, MemoryLimits
-from agent.daemon import Agent
+from agent.daemon import Agent, LiveStateFile, RepeatedWarnings
+from agent.kernel import Kernel, KernelReadError
+from agent.metrics import AgentMetrics
+from agent.sensing import Sensor
 from agent.session import BrokerLink
-from vmtide.fakesys import FakeGuest
+from agent.udev import OnliningRule
+from vmtide.fakesys import FakeGuest, FakeKernelWriter, Load
 from vmtide.v1 import broker_pb2 as pb
 
 MiB = 1 << 20
@@ -140,9 +153,28 @@ async def test_reclaim_never_offlines_cpu0_or_boot_memory(guest: FakeGuest) -> N
     )
     await agent.on_broker_message(reclaim(1, 1, 128 * MiB))
     assert 0 in guest.online_cpus()
-    # Boot memory is in kernel zones: never offered, so nothing was written.
+    # Boot memory is in kernel zones: never offered, so nothing was written;
+    # the Ack lists only the standby blocks, as already offline.
     assert guest.online_memory_bytes() == 1 * GiB
-    assert all(i.kind != pb.RESOURCE_KIND_MEMORY_BLOCK for i in link.acks()[-1].items)
+    blocks = [i for i in link.acks()[-1].items if i.kind == pb.RESOURCE_KIND_MEMORY_BLOCK]
+    assert [(i.index, i.outcome, i.detail) for i in blocks] == [
+        (b, pb.OUTCOME_ALREADY, "standby") for b in (8, 9, 10, 11)
+    ]
+
+
+async def test_reclaim_never_offlines_cpu0_even_where_it_has_an_online_file(
+    tmp_path: Path,
+) -> None:
+    # arm64 and ppc64 kernels show cpu0/online; cpu1 refusing must not make
+    # the shrink walk down to it.
+    guest = FakeGuest(tmp_path / "g", possible_cpus=2, boot_cpus=2, cpu0_online_file=True)
+    agent, link = build(guest)
+    guest.set_faults([{"kind": "cpu", "index": 1, "effect": errno.EBUSY, "value": "0"}])
+    await agent.on_broker_message(reclaim(1, 1, 1 * GiB))
+    assert guest.online_cpus() == {0, 1}
+    items = [(i.index, i.outcome) for i in link.acks()[-1].items if i.kind == pb.RESOURCE_KIND_CPU]
+    assert items == [(1, pb.OUTCOME_REFUSED)]
+    assert 0 in (await agent.hello()).topology.cpus.pinned
 
 
 async def test_below_minimum_at_start_onlines_standby(guest: FakeGuest) -> None:
@@ -232,3 +264,287 @@ async def test_a_hold_while_a_grant_is_onlined_is_not_a_release(guest: FakeGuest
     await agent.pursue(decisions(cpu=(2, 3), memory=(1 * GiB, 1 * GiB)))
     (request,) = [m.request for m in link.sent if m.WhichOneof("body") == "request"]
     assert (request.cpus, request.memory_bytes) == (2, 1 * GiB)
+
+
+async def test_sensing_goes_on_while_a_reclaim_offlines(
+    guest: FakeGuest, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A reclaim's offline write hangs until its deadline (2 s here; 30 s plus
+    # the kill grace on a real guest) while the policy wants to grow: the
+    # sensing loop must keep feeding the watchdog rather than wait its turn.
+    caplog.set_level(logging.DEBUG, logger="vmtide.agent")
+    agent, link = build(guest)
+    # Granted 3 CPUs; cpu2 cannot come online, so the policy keeps trying.
+    guest.set_faults([{"kind": "cpu", "index": 2, "effect": errno.EBUSY, "value": "1"}])
+    await agent.on_broker_message(grant(1, 3, 1536 * MiB))
+    assert guest.online_cpus() == {0, 1}
+    guest.set_faults(
+        [
+            {"kind": "cpu", "index": 2, "effect": errno.EBUSY, "value": "1"},
+            {"kind": "memory", "index": 11, "effect": "hang", "value": "offline"},
+        ]
+    )
+    pings: list[float] = []
+    agent.notify = lambda state: pings.append(time.monotonic())
+    driver = LoadDriver(guest, Load(cpus=3.5, memory_bytes=300 * MiB))
+    async with running(driver.run, agent._sensing_loop):
+        await asyncio.sleep(0.5)  # the policy now wants more CPUs than are online
+        started = time.monotonic()
+        await agent.on_broker_message(reclaim(2, 3, 1408 * MiB))
+        took = time.monotonic() - started
+    during = [t for t in pings if started <= t <= started + took]
+    assert took >= 1.5, "the offline did not hang"
+    gaps = [b - a for a, b in zip([started, *during], [*during, started + took], strict=True)]
+    assert max(gaps) < 0.6, f"the sensing loop stalled for {max(gaps):.1f} s"
+    assert "reclaim in progress; growing at a later cycle" in caplog.text
+    items = [(i.index, i.outcome) for i in link.acks()[-1].items]
+    assert (11, pb.OUTCOME_TIMED_OUT) in items
+
+
+class ReadFailsAfter(Kernel):
+    """A kernel whose block list cannot be read (EIO) once `trip` is set, as
+    when sysfs changes under the agent mid-operation."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.trip_on = ""  # "cpu": after a CPU is offlined; "memory": after a block
+        self.tripped = False
+
+    def memory_blocks(self) -> Any:
+        if self.tripped:
+            raise KernelReadError(self.sysfs / "devices/system/memory", "Input/output error")
+        return super().memory_blocks()
+
+    def set_cpu(self, cpu_id: int, online: bool, timeout: float | None = None) -> Any:
+        result = super().set_cpu(cpu_id, online, timeout)
+        self.tripped |= self.trip_on == "cpu" and not online
+        return result
+
+    def offline_block(self, index: int, timeout: float | None = 10.0) -> Any:
+        result = super().offline_block(index, timeout)
+        self.tripped |= self.trip_on == "memory"
+        return result
+
+
+@pytest.mark.parametrize("trip_on", ["cpu", "memory"])
+async def test_a_reclaim_is_acknowledged_when_sysfs_cannot_be_read_back(
+    guest: FakeGuest, trip_on: str
+) -> None:
+    # Without the Ack the broker would never unplug what went offline.
+    config = agent_config(guest, "g", "unix:/nonexistent")
+    kernel = ReadFailsAfter(guest.sysfs, guest.procfs, writer=FakeKernelWriter(guest.root))
+    agent = Agent(
+        config,
+        Actuator(kernel, offline_timeout=2.0),
+        Sensor(guest.procfs),
+        AgentMetrics(CollectorRegistry()),
+        guest_id="g",
+    )
+    link = RecordingLink(agent)
+    agent.link = link
+    await agent.on_broker_message(grant(1, 3, 1536 * MiB))
+    kernel.trip_on = trip_on
+    await agent.on_broker_message(reclaim(2, 1, 1 * GiB))
+    ack = link.acks()[-1]
+    assert ack.reclaim_id == 2
+    done = {(i.kind, i.index) for i in ack.items if i.outcome == pb.OUTCOME_DONE}
+    assert {(pb.RESOURCE_KIND_CPU, 2), (pb.RESOURCE_KIND_CPU, 1)} <= done
+    assert guest.online_cpus() == {0} and ack.online_cpus == 1
+    if trip_on == "cpu":  # the block list failed before any block was tried
+        assert "stopped: " in ack.note and "Input/output error" in ack.note
+        assert ack.online_memory_bytes == guest.online_memory_bytes() == 1536 * MiB
+    else:  # every block went; the counts come from the items
+        assert ack.online_memory_bytes == guest.online_memory_bytes() == 1 * GiB
+
+
+class HelloOnlyChannel:
+    """A broker channel whose sessions take the Hello and end at once (the
+    broker going away), so the link reconnects."""
+
+    def __init__(self, on_hello: Callable[[pb.Hello], None]) -> None:
+        self.on_hello = on_hello
+
+    async def __aenter__(self) -> HelloOnlyChannel:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+    def stream_stream(self, *args: object, **kwargs: object) -> Callable[..., HelloOnlyCall]:
+        return lambda requests: HelloOnlyCall(requests, self.on_hello)
+
+
+class HelloOnlyCall:
+    def __init__(
+        self, requests: AsyncIterator[pb.GuestMessage], on_hello: Callable[[pb.Hello], None]
+    ) -> None:
+        self.requests = requests
+        self.on_hello = on_hello
+
+    async def __aiter__(self) -> AsyncIterator[pb.BrokerMessage]:
+        first = await anext(self.requests)
+        self.on_hello(first.hello)
+        return
+        yield  # an async generator that ends the stream without a message
+
+    def cancel(self) -> bool:
+        return True
+
+
+async def test_the_hello_after_a_reconnect_shows_what_changed_meanwhile(
+    guest: FakeGuest,
+) -> None:
+    # No rescan runs between the sessions: the Hello itself reads sysfs.
+    agent, _ = build(guest)
+    hellos: list[pb.Hello] = []
+    stop = asyncio.Event()
+
+    def on_hello(hello: pb.Hello) -> None:
+        hellos.append(hello)
+        if len(hellos) == 1:  # the host hot-adds while the session is down
+            guest.plug_cpu(3)
+            guest.plug_blocks(2)
+        else:
+            stop.set()
+
+    link = BrokerLink(
+        agent.config.broker,
+        agent.hello,
+        agent.on_broker_message,
+        channel_factory=lambda config: cast(grpc.aio.Channel, HelloOnlyChannel(on_hello)),
+    )
+    await asyncio.wait_for(link.run(stop), 10)
+    before, after = (h.topology for h in hellos)
+    assert list(before.cpus.present) == [0, 1, 2] and len(before.memory.blocks) == 12
+    assert list(after.cpus.present) == [0, 1, 2, 3] and len(after.memory.blocks) == 14
+    assert agent.topo.standby_cpus == (1, 2, 3)
+
+
+async def test_a_hello_tells_of_a_udev_rule_onlining_memory(
+    guest: FakeGuest, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vmtide.agent")
+    agent, _ = build(guest)
+    assert not (await agent.hello()).topology.memory.auto_online  # auto_online_blocks=offline
+    rules = [
+        OnliningRule(Path("/usr/lib/udev/rules.d/80-hotplug-cpu.rules"), frozenset({"cpu"})),
+        OnliningRule(Path("/usr/lib/udev/rules.d/40-redhat.rules"), frozenset({"memory"})),
+    ]
+    cpu_only = Agent(
+        agent.config,
+        agent.actuator,
+        agent.sensor,
+        agent.metrics,
+        guest_id="g",
+        onlining_rules=rules[:1],
+    )
+    assert not (await cpu_only.hello()).topology.memory.auto_online
+    caplog.clear()
+    agent = Agent(
+        agent.config,
+        agent.actuator,
+        agent.sensor,
+        agent.metrics,
+        guest_id="g",
+        onlining_rules=rules,
+    )
+    for _ in range(2):  # a Hello per session; the log line only at start
+        assert (await agent.hello()).topology.memory.auto_online
+    logged = [r.getMessage() for r in caplog.records if "40-redhat.rules" in r.getMessage()]
+    assert logged == [
+        "udev rule /usr/lib/udev/rules.d/40-redhat.rules (memory) onlines hot-added resources;"
+        " vmtide works alongside it"
+    ]
+
+
+async def sensing_for(agent: Agent, seconds: float) -> None:
+    async with running(agent._sensing_loop):
+        await asyncio.sleep(seconds)
+
+
+async def test_sysfs_or_procfs_changing_underfoot_is_one_line_not_a_traceback(
+    guest: FakeGuest, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vmtide.agent")
+    agent, _ = build(guest)
+    (guest.procfs / "stat").unlink()  # procfs: ProcParseError every cycle
+    await sensing_for(agent, 0.5)
+    (records,) = [r for r in caplog.records if "sensing cycle" in r.getMessage()]
+    assert records.levelno == logging.WARNING and records.exc_info is None
+    assert f"{guest.procfs}/stat: unreadable" in records.getMessage()
+    failed = agent.cycle_errors["expected"]
+    assert failed >= 3 and agent.cycle_errors["unexpected"] == 0
+    assert agent.metrics.cycles.labels("error")._value.get() == failed
+    assert "Traceback" not in caplog.text
+
+    # A bug is another matter: its traceback is logged, every time.
+    caplog.clear()
+
+    def broken() -> Any:
+        raise RuntimeError("a bug")
+
+    agent.sensor.sample = broken  # type: ignore[method-assign]
+    await sensing_for(agent, 0.25)
+    bugs = [r for r in caplog.records if "sensing cycle failed" in r.getMessage()]
+    assert bugs and all(r.exc_info is not None for r in bugs)
+    assert agent.cycle_errors["unexpected"] == len(bugs)
+
+
+def test_a_repeated_warning_is_logged_once_a_minute(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    warnings = RepeatedWarnings(60.0, clock=lambda: now[0])
+    for now[0] in (0.0, 1.0, 2.0, 59.0, 61.0, 62.0):
+        warnings.warn("sysfs: gone")
+    warnings.warn("procfs: gone")
+    assert [r.getMessage() for r in caplog.records] == [
+        "sysfs: gone",
+        "sysfs: gone (and 3 times more since it was last logged)",
+        "procfs: gone",
+    ]
+
+
+async def test_the_live_state_says_what_the_daemon_sees_and_does(
+    guest: FakeGuest, tmp_path: Path
+) -> None:
+    agent, link = build(guest)
+    link.session_id = "s-1"
+    agent.state_file = LiveStateFile(tmp_path / "run" / "agent.json")
+    await agent.on_broker_message(grant(1, 2, 1 * GiB))
+    driver = LoadDriver(guest, Load(cpus=3.5, memory_bytes=300 * MiB))
+    async with running(driver.run, agent._sensing_loop):
+        await asyncio.sleep(0.8)  # busy for longer than the grow window
+    # Written at the first cycle, then at most once a second.
+    written = json.loads((tmp_path / "run" / "agent.json").read_text())
+    assert written["source"] == "daemon" and written["cpus"]["online"] == 2
+    state = json.loads(json.dumps(agent.live_state()))
+    assert state["guest_id"] == "g" and state["sensing_interval_seconds"] == 0.1
+    assert state["cpus"]["online"] == 2 and state["cpus"]["standby"] == [2]
+    assert state["memory"]["online_bytes"] == 1 * GiB
+    assert state["cpus"]["limits"] == {"minimum": 1, "maximum": 4, "burst": 4}
+    assert state["entitlement"] == {"cpus": 2, "memory_bytes": 1 * GiB}
+    assert state["broker"]["connected"] and state["broker"]["session_id"] == "s-1"
+    assert state["broker"]["last_grant_id"] == 1
+    assert state["cpus"]["decision"]["direction"] == "grow"
+    assert state["cpus"]["decision"]["reason"].startswith("cpu 2->")
+    request = state["last_request"]
+    assert request["cpus"] > 2 and request["reason"].startswith("cpus: cpu 2->")
+    recent = state["recent_decisions"]
+    assert recent and recent[-1]["resource"] == "cpus" and recent[-1]["direction"] == "grow"
+    assert state["pending"] == {
+        "acting": None,
+        "granted_not_online": {"cpus": 0, "memory_bytes": 0},
+    }
+    # A clean stop removes it: `status` then knows at once that no agent runs.
+    agent.state_file.remove()
+    assert not (tmp_path / "run" / "agent.json").exists()
+
+
+def test_a_state_file_that_cannot_be_written_is_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "file").write_text("")
+    state = LiveStateFile(tmp_path / "file" / "agent.json", clock=iter(range(0, 100, 2)).__next__)
+    for _ in range(3):
+        assert state.due()
+        state.write({"x": 1})
+    assert len([r for r in caplog.records if "cannot write the live state" in r.getMessage()]) == 1

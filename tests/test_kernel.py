@@ -11,18 +11,22 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.actuator import Actuator
 from agent.kernel import (
     Action,
     BlockState,
+    ItemResult,
     Kernel,
     KernelReadError,
     Kind,
+    OnlineType,
     Outcome,
     SysfsWriter,
     WriteTimeoutError,
     format_cpu_list,
     parse_cpu_list,
 )
+from agent.topology import Topology
 from vmtide.fakesys import FakeGuest
 
 
@@ -157,6 +161,91 @@ def test_block_vanishing_between_listing_and_writing(kernel: Kernel, guest: Fake
     assert kernel.online_block(listed[1]).outcome is Outcome.NOT_FOUND
     assert kernel.memory_block(listed[1]) is None
     assert listed[1] not in [b.index for b in kernel.memory_blocks()]
+
+
+@pytest.mark.parametrize(
+    ("how", "zones", "movable"),
+    [(OnlineType.MOVABLE, ("Movable",), True), (OnlineType.KERNEL, ("Normal",), False)],
+)
+def test_memory_goes_online_as_the_config_says(
+    kernel: Kernel, guest: FakeGuest, how: OnlineType, zones: tuple[str, ...], movable: bool
+) -> None:
+    # [memory] online_type: movable can be given back; kernel serves any allocation.
+    actuator = Actuator(kernel, how)
+    results = actuator.online_memory(6 * (128 << 20))
+    assert [(r.index, r.outcome) for r in results] == [(4, Outcome.DONE), (5, Outcome.DONE)]
+    for index in (4, 5):
+        block = kernel.memory_block(index)
+        assert block is not None and block.online and block.zones == zones
+        assert block.movable is movable
+    # Only movable blocks are ever offered back.
+    offered = actuator.offline_memory(4 * (128 << 20), 4 * (128 << 20))
+    assert [r.index for r in offered] == ([5, 4] if movable else [])
+
+
+@pytest.mark.parametrize(
+    ("damage", "outcome", "code", "detail"),
+    [
+        ("garbage state", Outcome.REFUSED, errno.EIO, "unknown state 'sideways'"),
+        ("state unreadable", Outcome.REFUSED, errno.EISDIR, os.strerror(errno.EISDIR)),
+        ("state gone", Outcome.NOT_FOUND, errno.ENOENT, "vanished"),
+        ("block gone", Outcome.NOT_FOUND, errno.ENOENT, "vanished"),
+    ],
+)
+def test_a_block_changing_under_an_operation_is_a_result_not_a_raise(
+    kernel: Kernel, guest: FakeGuest, damage: str, outcome: Outcome, code: int, detail: str
+) -> None:
+    kernel.online_block(4)
+    block = guest.sysfs / "devices/system/memory/memory4"
+    state = block / "state"
+    if damage == "garbage state":
+        state.write_text("sideways\n")
+    elif damage == "state unreadable":
+        state.unlink()
+        state.mkdir()  # reading it fails with EISDIR, as EIO would
+    elif damage == "state gone":
+        state.unlink()
+    else:
+        guest.writer.write(state, "offline")
+        guest.remove_block(4)
+    result = kernel.offline_block(4)
+    assert (result.kind, result.index, result.action) == (Kind.MEMORY_BLOCK, 4, Action.OFFLINE)
+    assert (result.outcome, result.errno, result.detail) == (outcome, code, detail)
+    if damage != "garbage state":  # online_block reads the state the same way
+        assert kernel.online_block(4).outcome is outcome
+
+
+def test_a_block_vanishing_mid_reclaim_counts_as_given_back(
+    kernel: Kernel, guest: FakeGuest
+) -> None:
+    # The host unplugged it first: offlining one more to make up for it would
+    # go below what was asked.
+    block = 128 << 20
+    actuator = Actuator(kernel)
+    actuator.online_memory(8 * block)
+    guest.set_faults([{"kind": "memory", "index": 7, "effect": "vanish", "value": "offline"}])
+    results = actuator.offline_memory(6 * block, 4 * block)
+    assert [(r.index, r.outcome) for r in results] == [(7, Outcome.NOT_FOUND), (6, Outcome.DONE)]
+    assert guest.online_memory_bytes() == 6 * block
+
+
+def test_cpu0_with_an_online_file_is_never_offlined(tmp_path: Path) -> None:
+    # arm64, ppc64 and x86 kernels before 6.5 with CONFIG_BOOTPARAM_HOTPLUG_CPU0
+    # show cpu0/online; a refusal higher up must not walk the shrink down to it.
+    guest = FakeGuest(tmp_path / "g", possible_cpus=3, boot_cpus=3, cpu0_online_file=True)
+    kernel = Kernel(guest.sysfs, guest.procfs, writer=guest.writer)
+    cpus = {c.id: c for c in kernel.cpus()}
+    assert cpus[0].hotpluggable and cpus[0].online  # the fake shows the file
+    guest.set_faults([{"kind": "cpu", "index": 1, "effect": errno.EBUSY, "value": "0"}])
+    results = Actuator(kernel).offline_cpus(target=1, floor=1)
+    assert [(r.index, r.outcome) for r in results] == [(2, Outcome.DONE), (1, Outcome.REFUSED)]
+    assert guest.online_cpus() == {0, 1}
+    busy = os.strerror(errno.EBUSY)
+    assert Actuator(kernel).offline_cpus(target=0, floor=0) == [
+        ItemResult(Kind.CPU, 1, Action.OFFLINE, Outcome.REFUSED, errno.EBUSY, busy)
+    ]
+    assert guest.online_cpus() == {0, 1}
+    assert list(Topology.read(kernel).to_proto().cpus.pinned) == [0]
 
 
 def test_fault_limited_to_some_writes(kernel: Kernel, guest: FakeGuest) -> None:

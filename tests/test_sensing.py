@@ -435,6 +435,35 @@ def test_cpu_hotplug_between_samples(tmp_path: Path) -> None:
     assert reading.per_cpu_busy == (0.5, 0.0)
 
 
+def test_total_cpu_time_comes_through_psutil_from_the_configured_root(tmp_path: Path) -> None:
+    # Two guests' trees in one process: each Sensor reads its own, and the
+    # rest of the process keeps psutil on the real /proc.
+    busy_root = make_procfs(tmp_path / "busy", pressure=ALL_PSI)
+    idle_root = make_procfs(tmp_path / "idle", pressure=ALL_PSI)
+    busy, idle = Sensor(busy_root, clock=clock(1.0, 2.0)), Sensor(idle_root, clock=clock(1.0, 2.0))
+    busy.sample()
+    idle.sample()
+    step = (60, 0, 20, 20, 0, 0, 0, 0, 0, 0)  # 80 of 100 jiffies busy on each CPU
+    cpus: dict[int, Sequence[int]] = {
+        n: [a + b for a, b in zip(t, step, strict=True)] for n, t in ((0, CPU0_T0), (1, CPU1_T0))
+    }
+    (busy_root / "stat").write_text(stat_text(cpus))
+    (idle_root / "stat").write_text(stat_text({0: CPU0_T0, 1: CPU1_T0}))  # no time passed
+    assert busy.sample().cpu_busy == pytest.approx(1.6)
+    assert idle.sample().cpu_busy == 0.0
+    assert psutil.PROCFS_PATH == "/proc"
+    assert psutil.cpu_count() == os.cpu_count()
+
+
+def test_an_aggregate_line_psutil_cannot_read_names_the_file(tmp_path: Path) -> None:
+    # parse_stat takes Linux 2.4's four fields; psutil wants this kernel's count.
+    root = make_procfs(tmp_path, stat=stat_text({0: CPU0_T0[:4], 1: CPU1_T0[:4]}), pressure=ALL_PSI)
+    with pytest.raises(ProcParseError, match="line 1: bad aggregate cpu line") as caught:
+        Sensor(root, clock=clock(1.0)).sample()
+    assert caught.value.path == root / "stat"
+    assert psutil.PROCFS_PATH == "/proc"  # restored on the error path too
+
+
 def test_iowait_going_backwards_is_clamped(tmp_path: Path) -> None:
     root = make_procfs(tmp_path, pressure=ALL_PSI)
     sensor = Sensor(root, clock=clock(1.0, 2.0))

@@ -162,7 +162,11 @@ def test_units_verify(unit: Path, tmp_path: Path) -> None:
         ("OOMScoreAdjust=-1000", "OOMScoreAdjust=-1001", "OOM score adjust value out of range"),
         ("LimitMEMLOCK=infinity", "LimitMEMLOCK=lots", "Failed to parse resource value"),
         ("WatchdogSec=30s", "WatchdogSec=soon", "Failed to parse sec value"),
-        ("RuntimeDirectory=vmtide", "RuntimeDirectory=../vmtide", "path is not normalized"),
+        (
+            "RuntimeDirectory=vmtide-agent",
+            "RuntimeDirectory=../vmtide-agent",
+            "path is not normalized",
+        ),
     ],
 )
 def test_verify_would_catch_a_broken_setting(
@@ -186,7 +190,7 @@ def test_agent_unit_keeps_the_agent_alive_under_pressure(tmp_path: Path) -> None
         "RestartPreventExitStatus": "78",
         "OOMScoreAdjust": "-1000",
         "LimitMEMLOCK": "infinity",
-        "RuntimeDirectory": "vmtide",
+        "RuntimeDirectory": "vmtide-agent",
         "RuntimeDirectoryPreserve": "no",
     }
     assert {key: service_setting(AGENT_UNIT, key) for key in expected} == expected

@@ -9,7 +9,8 @@ process sees the same machine. Writes go through `FakeKernelWriter`, which
 applies the kernel's rules (drivers/base/core.c online_store, drivers/base/
 memory.c state_store) and the faults planted in `root/faults.json`:
 
-- cpu0 has no `online` file; other CPUs accept "0" or "1" only;
+- cpu0 has no `online` file (unless built with `cpu0_online_file`, as arm64,
+  ppc64 and some x86 kernels show one); CPUs accept "0" or "1" only;
 - a memory block accepts online, online_kernel, online_movable and offline;
   writing its current state fails with EINVAL, as the kernel's does;
 - online_movable fails with EINVAL where Movable is not a valid zone;
@@ -174,8 +175,10 @@ class FakeGuest:
         block_size: int = 128 * MiB,
         boot_blocks: int = 8,
         auto_online: str = "offline",
+        cpu0_online_file: bool = False,
     ) -> None:
         self._attach(root, block_size)
+        self._cpu0_online_file = cpu0_online_file
         self._build(possible_cpus, boot_cpus, boot_blocks, auto_online)
 
     @classmethod
@@ -200,6 +203,7 @@ class FakeGuest:
         self._psi = {"cpu": 0.0, "memory": 0.0, "io": 0.0}
         self._psi_total = {"cpu": 0, "memory": 0, "io": 0}
         self._swap = [0, 0]
+        self._cpu0_online_file = False
 
     # ----------------------------------------------------------------- build
 
@@ -238,8 +242,8 @@ class FakeGuest:
             raise ValueError(f"cpu{cpu} is not a possible CPU of this guest")
         cpu_dir = self._cpu / f"cpu{cpu}"
         cpu_dir.mkdir(exist_ok=True)
-        if cpu != 0:  # cpu0 cannot be offlined: no `online` file
-            _write(cpu_dir / "online", ("1" if online else "0") + "\n")
+        if cpu != 0 or self._cpu0_online_file:  # usually cpu0 has no `online` file
+            _write(cpu_dir / "online", ("1" if online or cpu == 0 else "0") + "\n")
         self._update_list("present", cpu, add=True)
         if online or cpu == 0:
             self._update_list("online", cpu, add=True)
@@ -329,7 +333,7 @@ class FakeGuest:
         if mem_short:
             pages = int(mem_short / 4096 * min(seconds, 1.0) / 10)
             self._swap = [self._swap[0] + pages, self._swap[1] + pages]
-        self._write_proc(load, total_mem)
+        self._write_proc(load, total_mem, online)
 
     def _advance_psi(self, resource: str, stall: float, seconds: float) -> None:
         # avg10 is an exponential moving average with a 10 s window.
@@ -337,12 +341,14 @@ class FakeGuest:
         self._psi[resource] += (stall * 100.0 - self._psi[resource]) * weight
         self._psi_total[resource] += int(stall * seconds * 1_000_000)
 
-    def _write_proc(self, load: Load, total_mem: int) -> None:
+    def _write_proc(self, load: Load, total_mem: int, online: list[int]) -> None:
         lines = []
         agg_busy = sum(b for b, _ in self._jiffies)
         agg_idle = sum(i for _, i in self._jiffies)
         lines.append(f"cpu  {agg_busy} 0 0 {agg_idle} 0 0 0 0 0 0")
-        for cpu in sorted(self.online_cpus()):
+        # The CPUs `tick` counted: the agent, in another process, may online
+        # one meanwhile, and it has no counters before the next tick.
+        for cpu in online:
             b, i = self._jiffies[cpu]
             lines.append(f"cpu{cpu} {b} 0 0 {i} 0 0 0 0 0 0")
         running = max(1, round(load.cpus))
