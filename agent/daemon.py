@@ -114,8 +114,19 @@ def effective_limits(
     )
 
 
-def make_sample(reading: Reading, topo: Topology) -> policy.Sample:
-    """The policy's view of one sensing period."""
+def make_sample(reading: Reading, topo: Topology, previous: Reading | None = None) -> policy.Sample:
+    """The policy's view of one sensing period (since `previous`, when known)."""
+    cpu_now = memory_now = memory_full_now = math.nan
+    if previous is not None and reading.psi_available and reading.at > previous.at:
+        span_us = (reading.at - previous.at) * 1e6
+
+        def share(now: int, before: int) -> float:
+            # Percent of the period stalled; a counter that went back is unknown.
+            return 100.0 * (now - before) / span_us if now >= before else math.nan
+
+        cpu_now = share(reading.cpu_some_total_us, previous.cpu_some_total_us)
+        memory_now = share(reading.memory_some_total_us, previous.memory_some_total_us)
+        memory_full_now = share(reading.memory_full_total_us, previous.memory_full_total_us)
     return policy.Sample(
         at=reading.at,
         cpu_busy=reading.cpu_busy,
@@ -129,6 +140,9 @@ def make_sample(reading: Reading, topo: Topology) -> policy.Sample:
         swap_in_per_s=reading.swap_in_per_s,
         swap_out_per_s=reading.swap_out_per_s,
         memory_online=topo.online_memory_bytes,
+        cpu_some_now=cpu_now,
+        memory_some_now=memory_now,
+        memory_full_now=memory_full_now,
     )
 
 
@@ -402,9 +416,9 @@ class Agent:
 
     async def sense_and_decide(self) -> policy.Decisions:
         reading = self.sensor.sample()
-        self.last_reading = reading
+        previous, self.last_reading = self.last_reading, reading
         topo = self.topo
-        sample = make_sample(reading, topo)
+        sample = make_sample(reading, topo, previous)
         self.samples.append(sample)
         decisions, self.policy_state = policy.decide(
             list(self.samples),

@@ -8,6 +8,7 @@ import dataclasses
 import errno
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -548,3 +549,30 @@ def test_a_state_file_that_cannot_be_written_is_one_warning(
         assert state.due()
         state.write({"x": 1})
     assert len([r for r in caplog.records if "cannot write the live state" in r.getMessage()]) == 1
+
+
+def test_a_sample_carries_the_period_own_stall_from_the_psi_totals(guest: FakeGuest) -> None:
+    from agent.daemon import make_sample
+    from agent.topology import Topology
+
+    topo = Topology.read(Kernel(guest.sysfs, guest.procfs))
+    before = Sensor(guest.procfs).sample()
+    # Half a second later: 0.1 s of CPU stall, 0.25 s some and 0.05 s full on memory.
+    after = dataclasses.replace(
+        before,
+        at=before.at + 0.5,
+        psi_available=True,
+        cpu_some_total_us=before.cpu_some_total_us + 100_000,
+        memory_some_total_us=before.memory_some_total_us + 250_000,
+        memory_full_total_us=before.memory_full_total_us + 50_000,
+    )
+    sample = make_sample(after, topo, dataclasses.replace(before, psi_available=True))
+    assert sample.cpu_some_now == pytest.approx(20.0)
+    assert sample.memory_some_now == pytest.approx(50.0)
+    assert sample.memory_full_now == pytest.approx(10.0)
+    # The first sample, a counter that went back (a new boot) or no PSI: unknown.
+    assert math.isnan(make_sample(after, topo).memory_some_now)
+    later_boot = dataclasses.replace(before, memory_some_total_us=10**12)
+    assert math.isnan(make_sample(after, topo, later_boot).memory_some_now)
+    no_psi = dataclasses.replace(after, psi_available=False)
+    assert math.isnan(make_sample(no_psi, topo, before).cpu_some_now)
