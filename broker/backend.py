@@ -17,7 +17,14 @@ Identities:
 Failures: a hypervisor that refuses a command raises `BackendError`; a control
 channel that is gone raises `BackendUnavailable`. Steps done before an error stay
 done: call `state()` to learn where things stand. An unplug that the guest does not
-complete in time is not an error: the call returns what was removed.
+complete in time is not an error: the call returns what was removed. An unplug the
+guest refuses outright (an ACPI eject answered with a failure) raises
+`EjectRefused`, which carries what was removed all the same.
+
+Ballooning: memory the guest will not give back (blocks it refuses to offline, or
+memory that is not hot-unpluggable) can be squeezed with a balloon device, if the
+guest has one. Ballooned memory stays plugged: the broker still counts it as the
+guest's, because only the guest's driver says how much it gave (docs/broker.md).
 """
 
 from __future__ import annotations
@@ -54,6 +61,32 @@ class BackendUnavailable(BackendError):  # noqa: N818 -- the interface's name, a
     """
 
 
+class EjectRefused(BackendError):  # noqa: N818 -- named like BackendUnavailable
+    """The guest refused to eject a device it was asked to give up.
+
+    On x86 the guest's ACPI code answers an eject with an _OST status; a failure
+    status (`status`, e.g. 0x82 "device busy", for `source` 0x103 "eject
+    processing") means it will not eject, so there is nothing to wait for.
+    `removed` is what the same call did remove (CPU ids or block indexes). Status
+    and source are None when the hypervisor said only that the guest refused.
+    """
+
+    def __init__(
+        self,
+        guest: str,
+        command: str,
+        detail: str,
+        *,
+        status: int | None,
+        source: int | None,
+        removed: Sequence[int] = (),
+    ) -> None:
+        super().__init__(guest, command, detail)
+        self.status = status
+        self.source = source
+        self.removed = sorted(removed)
+
+
 @dataclass(frozen=True)
 class PlugState:
     """What the hypervisor has plugged into the guest right now."""
@@ -69,6 +102,9 @@ class PlugState:
     # Most total memory (boot + hot-pluggable) this backend can reach with its
     # memory mechanism.
     max_memory_bytes: int
+    # Memory the guest's balloon holds now, as its driver reports it; 0 without
+    # a balloon device.
+    balloon_bytes: int = 0
 
 
 class Backend(Protocol):
@@ -77,6 +113,17 @@ class Backend(Protocol):
     Every method is a coroutine bounded by a deadline; none waits for the guest
     for ever.
     """
+
+    @property
+    def available(self) -> bool:
+        """Whether the control channel is up; while it is not, calls raise
+        BackendUnavailable."""
+        ...
+
+    @property
+    def has_balloon(self) -> bool:
+        """Whether the guest has a balloon device `set_balloon` can drive."""
+        ...
 
     async def state(self) -> PlugState: ...
 
@@ -109,6 +156,15 @@ class Backend(Protocol):
         block_size_bytes. Waits up to `timeout` seconds and returns the blocks whose
         memory was removed; blocks that are not hot-pluggable memory (boot memory)
         are never removed, and are left for ballooning.
+        """
+        ...
+
+    async def set_balloon(self, hold_bytes: int) -> None:
+        """Ask the guest's balloon to hold `hold_bytes` of its memory (0 deflates it).
+
+        Returns once the hypervisor took the new size; the guest's driver follows at
+        its own pace (`PlugState.balloon_bytes`). Raises BackendError without a
+        balloon device.
         """
         ...
 

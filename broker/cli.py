@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import signal
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from broker import config as broker_config
-from broker.backend import Backend, BackendError
+from broker.backend import Backend
 from broker.config import BrokerConfig, ConfigError, GuestConfig
 from vmtide import __version__
 from vmtide.logs import setup_logging
@@ -59,7 +60,9 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-async def make_backend(guest: GuestConfig) -> Backend:
+def make_backend(guest: GuestConfig) -> Backend:
+    """The guest's backend, not connected yet: a QMP one is supervised (serve()
+    connects it, and again whenever QEMU goes away)."""
     if guest.backend == "simulated":
         from broker.simulated import SimulatedBackend
         from vmtide.fakesys import FakeGuest
@@ -67,13 +70,13 @@ async def make_backend(guest: GuestConfig) -> Backend:
         assert guest.simulated_root is not None
         return SimulatedBackend(FakeGuest.open(guest.simulated_root), guest.id)
     from broker.qmp_backend import QmpBackend, QmpBackendOptions
+    from broker.supervisor import SupervisedBackend
 
     assert guest.qmp_socket is not None
-    backend = QmpBackend(
+    qmp = QmpBackend(
         guest.qmp_socket, guest.id, QmpBackendOptions(memory_step_bytes=guest.memory_step_bytes)
     )
-    await backend.connect()
-    return backend
+    return SupervisedBackend(qmp, guest.id, str(guest.qmp_socket))
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -91,7 +94,7 @@ def _run(args: argparse.Namespace) -> int:
         )
     try:
         return asyncio.run(serve(config))
-    except (BackendError, OSError) as err:
+    except OSError as err:
         log.error("%s", err)
         return 1
 
@@ -102,15 +105,27 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> int:
     from broker.core import Broker
     from broker.metrics import BrokerMetrics
     from broker.server import ListenError, start_servers, stop_servers
+    from broker.supervisor import SupervisedBackend
     from vmtide.notify import SystemdNotifier
 
-    backends: dict[str, Backend] = {}
+    backends = {guest.id: make_backend(guest) for guest in config.guests}
+    supervised = {g: b for g, b in backends.items() if isinstance(b, SupervisedBackend)}
+    keepers: list[asyncio.Task[None]] = []
+    own_stop = asyncio.Event()  # ends the keepers however serve() ends
     try:
-        for guest in config.guests:
-            backends[guest.id] = await make_backend(guest)
+        # One unreachable QEMU must not keep the broker from serving the others:
+        # a failed attempt is logged, and its guest waits for the next one.
+        await asyncio.gather(*(b.connect() for b in supervised.values()))
         registry = CollectorRegistry()
         broker = Broker(config, backends, BrokerMetrics(registry))
         await broker.load_plugged()
+        for guest_id, supervisor in supervised.items():
+            keeper = supervisor.run(
+                own_stop,
+                functools.partial(broker.backend_up, guest_id),
+                functools.partial(broker.backend_down, guest_id),
+            )
+            keepers.append(asyncio.create_task(keeper, name=f"qmp-{guest_id}"))
         try:
             servers = await start_servers(broker, config)
         except ListenError as err:
@@ -136,6 +151,8 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> int:
             await stop_servers(servers)
             broker.write_state()
     finally:
+        own_stop.set()
+        await asyncio.gather(*keepers, return_exceptions=True)
         for backend in backends.values():
             await backend.close()
     return 0
@@ -167,22 +184,36 @@ def _status(args: argparse.Namespace) -> int:
     print(
         f"{'guest':<16}{'conn':<6}{'prio':>5}  {'cpus min/max/burst':<20}"
         f"{'granted':>8}{'online':>8}"
-        f"{'wants':>7}  {'memory MiB granted/online/wants':<32}{'pending':>8}"
+        f"{'wants':>7}  {'memory MiB min/max/burst':<26}{'granted/online/wants':<22}"
+        f"{'pending':>8}  hypervisor"
     )
+    down = []
     for name, g in state["guests"].items():
         limits = g["limits"]
         cpu_limits = (
             f"{limits['minimum']['cpus']}/{limits['maximum']['cpus']}/{limits['burst']['cpus']}"
         )
+        memory_limits = "/".join(
+            str(limits[kind]["memory_bytes"] // mib) for kind in ("minimum", "maximum", "burst")
+        )
         memory = (
             f"{g['granted']['memory_bytes'] // mib}/{g['online']['memory_bytes'] // mib}/"
             f"{g['requested']['memory_bytes'] // mib}"
         )
+        # A state file from before these fields: say nothing rather than guess.
+        backend = g.get("backend", {})
+        hypervisor = {True: "ok", False: "UNREACHABLE"}.get(backend.get("available"), "?")
+        if backend.get("available") is False:
+            down.append(f"{name}: {backend.get('error') or 'unreachable'}")
+        if g.get("balloon_bytes"):
+            hypervisor += f", balloon {g['balloon_bytes'] // mib} MiB"
         print(
             f"{name:<16}{'yes' if g['connected'] else 'no':<6}{g['priority']:>5}  {cpu_limits:<20}"
             f"{g['granted']['cpus']:>8}{g['online']['cpus']:>8}{g['requested']['cpus']:>7}  "
-            f"{memory:<32}{len(g['pending_reclaims']):>8}"
+            f"{memory_limits:<26}{memory:<22}{len(g['pending_reclaims']):>8}  {hypervisor}"
         )
+    for line in down:
+        print(f"hypervisor unreachable, {line}")
     return 0
 
 

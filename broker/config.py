@@ -34,6 +34,10 @@ from vmtide.config import ConfigError, build, load_toml
 DEFAULT_PATH = Path("/etc/vmtide/broker.toml")
 _MAX_DEADLINE_SECONDS = ((1 << 32) - 1) // 1000
 GiB = 1 << 30
+# vsock CIDs 0 (hypervisor), 1 (local) and 2 (host) are never a guest's;
+# 0xFFFFFFFF is VMADDR_CID_ANY. Ports are 32-bit, 0xFFFFFFFF VMADDR_PORT_ANY.
+_FIRST_GUEST_CID = 3
+_VSOCK_ANY = (1 << 32) - 1
 
 
 @dataclass(frozen=True)
@@ -74,6 +78,9 @@ class GuestConfig:
     listen: str = ""
     # With TLS on a shared listener: the client certificate's common name.
     tls_common_name: str = ""
+    # On the shared vsock listener (broker.vsock_port): the guest's CID, as
+    # given to QEMU (-device vhost-vsock-pci,guest-cid=N); 0: none.
+    vsock_cid: int = 0
     priority: int = 0
     backend: str = "qmp"  # "qmp" or "simulated"
     qmp_socket: Path | None = None
@@ -85,12 +92,22 @@ class GuestConfig:
     memory_step_bytes: int = 512 << 20
     # How long a guest has to answer a reclaim.
     reclaim_deadline_seconds: float = 30.0
+    # Inflate the guest's balloon (if QEMU gives it one) over memory a reclaim
+    # could not unplug; deflated again before memory is plugged (docs/broker.md).
+    balloon_fallback: bool = False
 
     def __post_init__(self) -> None:
         if not self.id:
             raise ValueError("id: must not be empty")
-        if not self.listen and not self.tls_common_name:
-            raise ValueError("listen: each guest needs its own listen address (or tls_common_name)")
+        if not self.listen and not self.tls_common_name and not self.vsock_cid:
+            raise ValueError(
+                "listen: each guest needs its own listen address (or tls_common_name or vsock_cid)"
+            )
+        if self.vsock_cid and not _FIRST_GUEST_CID <= self.vsock_cid < _VSOCK_ANY:
+            raise ValueError(
+                f"vsock_cid: {self.vsock_cid} is not a guest CID ({_FIRST_GUEST_CID} to "
+                f"{_VSOCK_ANY - 1}; 0 for none)"
+            )
         if self.backend not in ("qmp", "simulated"):
             raise ValueError(f"backend: {self.backend!r} is not one of qmp, simulated")
         if self.backend == "qmp" and self.qmp_socket is None:
@@ -130,6 +147,9 @@ class BrokerSection:
     max_requests_per_second: float = 5.0
     metrics_address: str = "127.0.0.1"
     metrics_port: int = 9475
+    # Shared vsock listener (optional, 0: none): guests are told apart by
+    # their CID, which the host's vhost-vsock vouches for.
+    vsock_port: int = 0
 
     def __post_init__(self) -> None:
         size = self.block_size_bytes
@@ -140,6 +160,8 @@ class BrokerSection:
                 raise ValueError(f"{name}: must be positive and finite")
         if not 0 <= self.metrics_port <= 65535:
             raise ValueError(f"metrics_port: {self.metrics_port} is not a TCP port")
+        if not 0 <= self.vsock_port < _VSOCK_ANY:
+            raise ValueError(f"vsock_port: {self.vsock_port} is not a vsock port")
         if self.tls_listen and not (
             self.tls_cert_file and self.tls_key_file and self.tls_client_ca_file
         ):
@@ -166,6 +188,12 @@ class BrokerConfig:
             and not self.broker.tls_listen
         ):
             raise ValueError("guests: tls_common_name needs broker.tls_listen")
+        cids = [g.vsock_cid for g in self.guests if g.vsock_cid]
+        shared_cids = sorted({c for c in cids if cids.count(c) > 1})
+        if shared_cids:
+            raise ValueError(f"guests: two guests share vsock_cid {shared_cids[0]}")
+        if cids and not self.broker.vsock_port:
+            raise ValueError("guests: vsock_cid needs broker.vsock_port")
 
 
 def load(path: Path) -> BrokerConfig:

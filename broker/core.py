@@ -8,7 +8,13 @@ Accounting rules:
 - a guest's truth comes from its Hello and Acks (what its kernel has online);
 - capacity a Reclaim asks back stays counted ("releasing") until the guest has
   acknowledged and the backend has unplugged it, so it is never handed out twice;
-- a guest that disconnects keeps what it holds; its next Hello corrects the books.
+- a guest that disconnects keeps what it holds; its next Hello corrects the books;
+- a guest whose hypervisor cannot be reached is neither grown nor shrunk (nothing
+  could be plugged or unplugged) until it answers again, and then what it has
+  plugged is read afresh; one the broker never reached is counted at its burst
+  limit, the most it could hold;
+- memory a reclaim could not unplug may be squeezed by the guest's balloon
+  (`balloon_fallback`), but stays counted as the guest's.
 """
 
 from __future__ import annotations
@@ -20,13 +26,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from broker.arbiter import Amount, GuestLimits, GuestView, Pool, arbitrate
-from broker.backend import Backend, BackendError
+from broker.backend import Backend, BackendError, EjectRefused, PlugState
 from broker.config import BrokerConfig, GuestConfig
 from broker.metrics import BrokerMetrics
 from vmtide.v1 import broker_pb2 as pb
@@ -85,6 +91,13 @@ class GuestRecord:
     last_grant_id: int = 0  # the latest Grant sent in this session
     reclaim_backoff_until: float = 0.0
     plug_backoff_until: float = 0.0  # after a failed hot-plug, not again before this
+    # Counted as plugged when the hypervisor never said (unreachable at start).
+    assumed_plugged: Amount = ZERO
+    # Why the hypervisor is unreachable ("" while it answers).
+    backend_error: str = ""
+    # What the broker last asked the guest's balloon to hold.
+    balloon_bytes: int = 0
+    balloon_backoff_until: float = 0.0
     # The newest request that came over the rate limit, taken up in its turn.
     deferred_request: pb.ResourceRequest | None = None
 
@@ -106,7 +119,13 @@ class GuestRecord:
     @property
     def plugged(self) -> Amount:
         """What is plugged into the guest, online or not."""
-        return Amount(len(self.present_cpus), self.present_memory)
+        return Amount(len(self.present_cpus), self.present_memory).max_each(self.assumed_plugged)
+
+    @property
+    def changeable(self) -> bool:
+        """Whether the guest can be granted or reclaimed anything: it has a
+        session, and its hypervisor answers (to plug and unplug)."""
+        return self.connected and self.backend.available
 
     @property
     def held(self) -> Amount:
@@ -435,24 +454,29 @@ class Broker:
             elif item.kind == pb.RESOURCE_KIND_MEMORY_BLOCK and item.index not in offline_blocks:
                 offline_blocks.append(item.index)
         timeout = max(1.0, pending.deadline - self._clock())
-        try:
-            removed_cpus = (
-                await guest.backend.unplug_cpus(offline_cpus, timeout) if offline_cpus else []
+        backend = guest.backend
+        removed_cpus = (
+            await self._unplug(guest, lambda: backend.unplug_cpus(offline_cpus, timeout))
+            if offline_cpus
+            else []
+        )
+        removed_blocks = (
+            await self._unplug(
+                guest, lambda: backend.unplug_memory(offline_blocks, guest.block_size, timeout)
             )
-            removed_blocks = (
-                await guest.backend.unplug_memory(offline_blocks, guest.block_size, timeout)
-                if offline_blocks
-                else []
-            )
-        except BackendError as err:
-            log.error("guest %s: unplug failed: %s", guest.id, err)
-            self.metrics.failure(guest.id, "unplug_failed")
-            removed_cpus, removed_blocks = [], []
+            if offline_blocks
+            else []
+        )
         guest.present_cpus = guest.present_cpus - set(removed_cpus)
         guest.present_memory -= len(removed_blocks) * guest.block_size
         # What went is not online any more, whatever the Ack said.
         guest.online = self._believe(guest, "ack", ack.online_cpus, ack.online_memory_bytes)
         del guest.pending[ack.reclaim_id]
+        # A guest that gave back more than asked (a block vanished under it,
+        # and it offlined one more) holds no more than is plugged: an
+        # entitlement above that would keep counting capacity nobody has.
+        # Still wanting it, it is granted it again the usual way.
+        guest.entitled = guest.entitled.min_each(guest.plugged)
         if not guest.held.fits(pending.target):
             # Refused offline, or offline but not unplugged: not again at once.
             guest.reclaim_backoff_until = self._clock() + SHORT_RECLAIM_BACKOFF_SECONDS
@@ -474,6 +498,23 @@ class Broker:
             f" ({guest_words(ack.note)})" if ack.note else "",
         )
         self.changed()
+
+    async def _unplug(
+        self, guest: GuestRecord, unplug: Callable[[], Awaitable[list[int]]]
+    ) -> list[int]:
+        """What an unplug removed; a failure is logged and counted, never raised."""
+        try:
+            return await unplug()
+        except EjectRefused as err:
+            # The guest said no (an ACPI _OST failure): what it refused stays
+            # plugged and counted, and the reclaim is short.
+            log.error("guest %s: %s", guest.id, err)
+            self.metrics.failure(guest.id, "eject_refused")
+            return err.removed
+        except BackendError as err:
+            log.error("guest %s: unplug failed: %s", guest.id, err)
+            self.metrics.failure(guest.id, "unplug_failed")
+            return []
 
     async def _forget_vanished(self, guest: GuestRecord) -> None:
         """A CPU or block vanished under the agent: drop from the books what the
@@ -499,17 +540,67 @@ class Broker:
             try:
                 state = await guest.backend.state()
             except BackendError as err:
-                log.warning("guest %s: cannot read what is plugged: %s", guest.id, err)
+                # It may hold anything up to its burst limit, from the last
+                # broker: count that until its hypervisor says, rather than
+                # hand it to others and overcommit the host.
+                guest.assumed_plugged = guest.limits.burst
+                guest.demand = guest.held
+                log.warning(
+                    "guest %s: cannot read what is plugged (%s); counting it at its burst "
+                    "limit, %d cpus and %d MiB, until its hypervisor answers",
+                    guest.id,
+                    err,
+                    guest.limits.burst.cpus,
+                    guest.limits.burst.memory >> 20,
+                )
                 continue
-            guest.present_cpus = state.cpus
-            guest.present_memory = state.boot_memory_bytes + state.memory_bytes
-            guest.demand = guest.held  # asks for nothing more while away
+            self._count_plugged(guest, state)
             log.info(
                 "guest %s: %d cpus and %d MiB plugged before its session",
                 guest.id,
                 len(state.cpus),
                 guest.present_memory >> 20,
             )
+
+    def _count_plugged(self, guest: GuestRecord, state: PlugState) -> None:
+        """Take the hypervisor's word for what is plugged into the guest."""
+        guest.present_cpus = state.cpus
+        guest.present_memory = state.boot_memory_bytes + state.memory_bytes
+        guest.assumed_plugged = ZERO
+        guest.balloon_bytes = state.balloon_bytes
+        block = guest.block_size
+        plugged = Amount(len(state.cpus), -(-guest.present_memory // block) * block)
+        guest.online = guest.online.min_each(plugged)
+        if not guest.connected:
+            guest.demand = guest.held  # asks for nothing more while away
+
+    async def backend_up(self, guest_id: str) -> None:
+        """The guest's hypervisor answers again (QEMU started, or restarted):
+        read what it has plugged before anything is plugged into it."""
+        guest = self.guests[guest_id]
+        async with self._lock:
+            try:
+                state = await guest.backend.state()
+            except BackendError as err:
+                log.warning("guest %s: cannot read what is plugged: %s", guest_id, err)
+                return
+            self._count_plugged(guest, state)
+            guest.backend_error = ""
+            guest.plug_backoff_until = 0.0
+            log.info(
+                "guest %s: hypervisor back: %d cpus and %d MiB plugged",
+                guest_id,
+                len(state.cpus),
+                guest.present_memory >> 20,
+            )
+        self.changed()
+
+    def backend_down(self, guest_id: str, reason: str) -> None:
+        """The guest's hypervisor cannot be reached: no plugging for it until
+        `backend_up`; what it holds stays counted."""
+        self.guests[guest_id].backend_error = reason
+        self.metrics.failure(guest_id, "backend_unavailable")
+        self.changed()
 
     # ------------------------------------------------------------ arbitration
 
@@ -549,7 +640,9 @@ class Broker:
                     held=g.held,
                     demand=g.demand,
                     releasing=g.releasing,
-                    connected=g.connected,
+                    # One whose hypervisor is away can neither grow nor shrink:
+                    # the arbiter keeps it as it is, as for a disconnected guest.
+                    connected=g.changeable,
                 )
                 for g in self.guests.values()
             ]
@@ -568,6 +661,8 @@ class Broker:
                 await self._reclaim(self.guests[guest_id], target, reasons.get(guest_id, ""))
             for guest_id, target in plan.grants.items():
                 await self._grant(self.guests[guest_id], target, reasons.get(guest_id, ""))
+            for guest in self.guests.values():
+                await self._fit_balloon(guest, guest.entitled)
             self.metrics.pool(self.pool.capacity, self.allocated())
             for guest in self.guests.values():
                 books = (guest.entitled, guest.demand)
@@ -594,10 +689,13 @@ class Broker:
                     guest.entitled = guest.online
 
     async def _grant(self, guest: GuestRecord, target: Amount, reason: str) -> None:
-        if not guest.connected or guest.pending:
+        if not guest.changeable or guest.pending:
             return
         new_cpus: list[int] = []
         may_plug = self._clock() >= guest.plug_backoff_until
+        if target.memory > guest.entitled.memory:
+            # Ballooned memory first: it is plugged already, and counted.
+            await self._fit_balloon(guest, target)
         try:
             missing_cpus = target.cpus - len(guest.present_cpus)
             if missing_cpus > 0 and may_plug:
@@ -660,7 +758,7 @@ class Broker:
         )
 
     async def _reclaim(self, guest: GuestRecord, target: Amount, reason: str) -> None:
-        if not guest.connected or guest.pending or self._clock() < guest.reclaim_backoff_until:
+        if not guest.changeable or guest.pending or self._clock() < guest.reclaim_backoff_until:
             return
         target = Amount(
             max(target.cpus, guest.limits.minimum.cpus),
@@ -698,6 +796,51 @@ class Broker:
             reason,
         )
 
+    async def _fit_balloon(self, guest: GuestRecord, entitled: Amount) -> None:
+        """Make the balloon hold what the guest has online beyond `entitled`.
+
+        Only with `balloon_fallback`, a balloon device, a session (its online
+        figure is fresh) and no reclaim under way (the agent is offlining; the
+        Ack says what is left). The guest keeps its entitlement, never less
+        than its minimum (a reclaim's target never is). Ballooned memory stays
+        counted as the guest's: only its driver says what it gave.
+        """
+        backend = guest.backend
+        if (
+            not guest.config.balloon_fallback
+            or not backend.available
+            or not backend.has_balloon
+            or not guest.connected
+            or guest.pending
+        ):
+            return
+        floor = max(entitled.memory, guest.limits.minimum.memory)
+        hold = max(0, guest.online.memory - floor)
+        if hold == guest.balloon_bytes or self._clock() < guest.balloon_backoff_until:
+            return
+        try:
+            await backend.set_balloon(hold)
+        except BackendError as err:
+            log.warning(
+                "guest %s: balloon to %d MiB failed (not tried again for %.0f s): %s",
+                guest.id,
+                hold >> 20,
+                PLUG_BACKOFF_SECONDS,
+                err,
+            )
+            self.metrics.failure(guest.id, "balloon_failed")
+            guest.balloon_backoff_until = self._clock() + PLUG_BACKOFF_SECONDS
+            return
+        log.info(
+            "guest %s: balloon %s to %d MiB: %d MiB online, entitled to %d MiB",
+            guest.id,
+            "inflated" if hold > guest.balloon_bytes else "deflated",
+            hold >> 20,
+            guest.online.memory >> 20,
+            floor >> 20,
+        )
+        guest.balloon_bytes = hold
+
     # ----------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
@@ -721,6 +864,8 @@ class Broker:
                     "requested": amount(g.demand),
                     "releasing": amount(g.releasing),
                     "pending_reclaims": sorted(g.pending),
+                    "backend": {"available": g.backend.available, "error": g.backend_error},
+                    "balloon_bytes": g.balloon_bytes,
                 }
                 for g in self.guests.values()
             },

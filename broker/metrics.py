@@ -76,8 +76,9 @@ class BrokerMetrics:
         )
         self.failures = Counter(
             "vmtide_broker_failures_total",
-            "Failures by guest and reason (plug_failed, unplug_failed, offline_refused, "
-            "reclaim_timeout, rate_limited, unknown_ack, refused_identity, bad_message)",
+            "Failures by guest and reason (plug_failed, unplug_failed, eject_refused, "
+            "offline_refused, reclaim_timeout, rate_limited, unknown_ack, refused_identity, "
+            "bad_message, backend_unavailable, balloon_failed)",
             ["guest", "reason"],
             registry=registry,
         )
@@ -105,12 +106,15 @@ class BrokerMetrics:
     FAILURE_REASONS = (
         "plug_failed",
         "unplug_failed",
+        "eject_refused",
         "offline_refused",
         "reclaim_timeout",
         "rate_limited",
         "unknown_ack",
         "refused_identity",
         "bad_message",
+        "backend_unavailable",
+        "balloon_failed",
     )
 
     def add_guest(self, guest: str) -> None:

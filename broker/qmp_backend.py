@@ -10,9 +10,11 @@ hot-added CPU the lowest free logical id (kernels >= 6.9 number every possible
 CPU in APIC order up front), so the two agree as long as slots are filled
 lowest-first, which this backend does. The cpu-index is read back after plugging,
 never assumed. Unplug is `device_del` then DEVICE_DELETED once the guest has
-ejected the CPU. QEMU refuses CPU unplug outright ("acpi: device unplug request for
-not supported device type") until the guest's ACPI code has switched CPU hotplug
-out of legacy mode, which a booted Linux does and firmware does not.
+ejected the CPU; a guest that refuses answers with ACPI_DEVICE_OST and a failure
+status instead, which ends the wait at once (`EjectRefused`). QEMU refuses CPU
+unplug outright ("acpi: device unplug request for not supported device type")
+until the guest's ACPI code has switched CPU hotplug out of legacy mode, which a
+booted Linux does and firmware does not.
 
 Memory, one mechanism per guest, chosen at connect time (`MemoryMechanism`):
 
@@ -30,9 +32,13 @@ Memory is added in steps (`QmpBackendOptions.memory_step_bytes`): a guest that
 hot-adds several GiB at once allocates and initialises the struct pages for all of
 it in one go, and stalls.
 
-`balloon()` drives a virtio-balloon device, for memory that cannot be unplugged.
+`set_balloon()` drives a virtio-balloon device, for memory that cannot be unplugged.
 
 QEMU serves one client per QMP socket: give the broker its own `-qmp` socket.
+The connection may drop (QEMU restarted): `connect()` again, and it reads the
+machine afresh; `broker.supervisor` does that with backoff. QEMU's pid (the
+socket's peer credentials) tells a restarted QEMU from the same one, whose
+per-process limits (TCG's vCPU budget, the replug cooldown) carry over.
 """
 
 from __future__ import annotations
@@ -42,10 +48,12 @@ import contextlib
 import enum
 import logging
 import re
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from qemu.qmp import (
     EventListener,
@@ -58,7 +66,7 @@ from qemu.qmp import (
 )
 from qemu.qmp.protocol import ConnectError, StateError
 
-from broker.backend import BackendError, BackendUnavailable, PlugState
+from broker.backend import BackendError, BackendUnavailable, EjectRefused, PlugState
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +100,24 @@ _TOPOLOGY_KEYS = ("socket-id", "die-id", "cluster-id", "core-id", "thread-id")
 _PERIPHERAL = "/machine/peripheral"
 _OBJECTS = "/objects"
 
-_UNPLUG_EVENTS = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR")
+_OST_EVENT = "ACPI_DEVICE_OST"
+_UNPLUG_EVENTS = ("DEVICE_DELETED", "DEVICE_UNPLUG_GUEST_ERROR", _OST_EVENT)
+# ACPI 5.0 section 6.3.5 (_OST): the source events of an eject, and its status
+# codes. Linux answers an eject it cannot do with source 0x03 and 0x82 (busy) or
+# 0x01; one it is doing with 0x84, then source 0x103 and 0 once done.
+_OST_EJECT_SOURCES = {0x03: "eject request", 0x103: "eject processing"}
+_OST_SUCCESS = 0x00
+_OST_EJECT_IN_PROGRESS = 0x84
+_OST_STATUS = {
+    0x00: "success",
+    0x01: "non-specific failure",
+    0x02: "unrecognized notify code",
+    0x80: "device ejection not supported by OSPM",
+    0x81: "device in use by an application",
+    0x82: "device busy",
+    0x83: "ejection dependency is busy or not supported",
+    0x84: "ejection in progress",
+}
 # QEMU 7.2 under TCG aborted ("double free or corruption") when a vCPU slot
 # was plugged again 0.15 s after its unplug completed: the old vCPU thread was
 # still being torn down. Give a slot this long before reusing it.
@@ -299,7 +324,67 @@ def parse_memory_devices(reply: object) -> MemoryInventory:
     return MemoryInventory(tuple(dimms), tuple(virtio_mems), slots_used, region_used)
 
 
+@dataclass(frozen=True)
+class OstInfo:
+    """ACPI_DEVICE_OST's `info` (qapi/acpi.json ACPIOSTInfo): the guest's _OST answer."""
+
+    device: str | None  # the device's id, when it has one
+    slot: str
+    slot_type: str  # "CPU" or "DIMM"
+    source: int
+    status: int
+
+    def describe(self) -> str:
+        source = _OST_EJECT_SOURCES.get(self.source, "event")
+        status = _OST_STATUS.get(self.status, "unknown status")
+        return f"_OST status {self.status:#x} ({status}) for source {self.source:#x} ({source})"
+
+
+def parse_ost(data: object) -> OstInfo:
+    info = _obj(_obj(data, "ACPI_DEVICE_OST data").get("info"), "info")
+    return OstInfo(
+        device=_opt_str(info, "device"),
+        slot=_str(info, "slot"),
+        slot_type=_str(info, "slot-type"),
+        source=_int(info, "source"),
+        status=_int(info, "status"),
+    )
+
+
+@dataclass
+class _Deletion(Generic[_K]):
+    """What came of device_del for a set of devices (keyed as the caller likes)."""
+
+    deleted: list[_K]
+    # (QOM path, the guest's _OST answer; None for DEVICE_UNPLUG_GUEST_ERROR)
+    refused: list[tuple[str, OstInfo | None]]
+
+
 # ----------------------------------------------------------------- pure decisions
+
+
+def eject_refused(info: OstInfo) -> bool:
+    """Whether an _OST answer says the guest will not eject the device.
+
+    Success and "in progress" are not refusals: DEVICE_DELETED follows (or not,
+    and the deadline ends the wait). Any other status of an eject is.
+    """
+    return info.source in _OST_EJECT_SOURCES and info.status not in (
+        _OST_SUCCESS,
+        _OST_EJECT_IN_PROGRESS,
+    )
+
+
+def balloon_target(ram_bytes: int, hold_bytes: int) -> int:
+    """QMP `balloon value` for a balloon holding `hold_bytes` of `ram_bytes`.
+
+    QEMU's value is the size the guest should be left with, counted against boot
+    memory plus plugged memory devices (virtio-balloon.c virtio_balloon_to_target,
+    get_current_ram_size), not the balloon's own size.
+    """
+    if not 0 <= hold_bytes < ram_bytes:
+        raise ValueError(f"a balloon cannot hold {hold_bytes} of {ram_bytes} bytes")
+    return ram_bytes - hold_bytes
 
 
 def free_cpu_slots(slots: Sequence[CpuSlot], count: int) -> list[tuple[int, CpuSlot]]:
@@ -343,6 +428,17 @@ def _no_event(_: Message) -> bool:
     return False
 
 
+def _peer_pid(sock: socket.socket) -> int | None:
+    """The pid of the process at the other end of a unix socket (None if unknown:
+    0 when it lives in a pid namespace this one cannot see)."""
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid: int = struct.unpack("3i", creds)[0]
+    return pid or None
+
+
 def _describe(command: str, args: Mapping[str, object] | None) -> str:
     if not args:
         return command
@@ -375,6 +471,8 @@ class QmpBackend:
         self._mechanism = MemoryMechanism.NONE
         self._virtio_mem_id: str | None = None
         self._has_balloon = False
+        # The QEMU process on the other end (SO_PEERCRED), None when unknown.
+        self._qemu_pid: int | None = None
         # Under TCG QEMU gives every vCPU it realizes a TCG context and never
         # takes one back (tcg_register_thread asserts n < tcg_max_ctxs, and
         # there are maxcpus of them): after unplugs, the maxcpus-th hot-plug
@@ -396,31 +494,62 @@ class QmpBackend:
         """Whether QEMU had an active balloon device at connect time."""
         return self._has_balloon
 
+    @property
+    def available(self) -> bool:
+        """Whether the QMP connection is up."""
+        return self._qmp.runstate is Runstate.RUNNING
+
+    @property
+    def qemu_pid(self) -> int | None:
+        """QEMU's pid from the socket's peer credentials (None if unknown)."""
+        return self._qemu_pid
+
     # ------------------------------------------------------------- connection
 
     async def connect(self) -> None:
-        """Connect and find out which memory mechanisms the guest has."""
+        """Connect and find out which memory mechanisms the guest has.
+
+        Everything about the machine is read afresh, so connecting again after
+        QEMU restarted sees the new process as it is.
+        """
         if self._qmp.runstate is not Runstate.IDLE:
             await self.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
         try:
             async with asyncio.timeout(self._options.connect_timeout):
-                await self._qmp.connect(self._path)
+                await asyncio.get_running_loop().sock_connect(sock, self._path)
+                pid = _peer_pid(sock)
+                await self._qmp.connect(sock)
         except TimeoutError as err:
+            sock.close()
             raise BackendUnavailable(
                 self._guest,
                 "connect",
                 f"no QMP greeting on {self._path} within {self._options.connect_timeout} s"
                 " (is another client connected to this socket?)",
             ) from err
-        except ConnectError as err:
+        except (OSError, ConnectError) as err:
+            sock.close()
+            cause = err.exc if isinstance(err, ConnectError) else err
             raise BackendUnavailable(
-                self._guest, "connect", f"cannot reach QMP socket {self._path}: {err.exc}"
+                self._guest, "connect", f"cannot reach QMP socket {self._path}: {cause}"
             ) from err
+        if pid is not None and self._qemu_pid is not None and pid != self._qemu_pid:
+            # A new QEMU: what the old one could not do any more, this one can.
+            log.info("guest %s: QEMU restarted (pid %d, was %d)", self._guest, pid, self._qemu_pid)
+            self._tcg_vcpus_left = None
+            self._cpu_unplugged_at.clear()
+        self._qemu_pid = pid if pid is not None else self._qemu_pid
         try:
             await self._discover()
         except BaseException:
             await self.close()
             raise
+
+    async def wait_closed(self) -> None:
+        """Return once the QMP connection is down (QEMU exited, or `close()`)."""
+        await self._connection_lost()
 
     async def close(self) -> None:
         """Disconnect; idempotent, never raises."""
@@ -596,12 +725,18 @@ class QmpBackend:
         except BackendError:
             max_cpus = len(cpus)  # the machine has no CPU hotplug at all
         memory = await self._memory()
+        balloon = 0
+        if self._has_balloon:
+            # `actual` is what the guest's driver left it, of boot plus plugged memory.
+            actual = _int(_obj(await self._execute("query-balloon"), "query-balloon"), "actual")
+            balloon = max(0, self._machine.boot + memory.plugged - actual)
         return PlugState(
             cpus=frozenset(cpus.values()),
             memory_bytes=memory.plugged,
             boot_memory_bytes=self._machine.boot,
             max_cpus=max_cpus,
             max_memory_bytes=self._machine.boot + memory.plugged + self._headroom(memory),
+            balloon_bytes=balloon,
         )
 
     def _headroom(self, memory: MemoryInventory) -> int:
@@ -696,7 +831,8 @@ class QmpBackend:
                     f"not plugged: {unknown} (plugged: {sorted(by_index)})",
                 )
             # device_del takes a QOM path as well as an id; so do the events.
-            removed = await self._delete_devices({by_index[cpu]: cpu for cpu in wanted}, deadline)
+            deletion = await self._delete_devices({by_index[cpu]: cpu for cpu in wanted}, deadline)
+            removed = deletion.deleted
             # Trust QEMU's inventory over the events: a CPU is removed once
             # query-cpus-fast no longer lists it (a moment after its child's event).
             loop = asyncio.get_running_loop()
@@ -715,14 +851,59 @@ class QmpBackend:
                 removed,
                 sorted(set(wanted) - set(removed)),
             )
+            if deletion.refused:
+                raise self._refusal(f"unplug CPUs {wanted}", deletion, removed)
             return sorted(removed)
 
-    async def _delete_devices(self, paths: Mapping[str, _K], deadline: float) -> list[_K]:
-        """device_del each path; returns the keys of those DEVICE_DELETED confirmed."""
+    def _refusal(
+        self, command: str, deletion: _Deletion[_K], removed: Sequence[int]
+    ) -> EjectRefused:
+        reasons = "; ".join(
+            f"{path}: {info.describe() if info else 'DEVICE_UNPLUG_GUEST_ERROR'}"
+            for path, info in deletion.refused
+        )
+        first = next((info for _, info in deletion.refused if info is not None), None)
+        return EjectRefused(
+            self._guest,
+            command,
+            f"the guest refused to eject {reasons}",
+            status=first.status if first else None,
+            source=first.source if first else None,
+            removed=removed,
+        )
+
+    async def _delete_devices(self, paths: Mapping[str, _K], deadline: float) -> _Deletion[_K]:
+        """device_del each path; returns those DEVICE_DELETED confirmed and those
+        the guest refused to eject.
+
+        The wait ends once every device is deleted or refused, or at the deadline.
+        """
         pending = set(paths)
-        deleted: list[_K] = []
+        result: _Deletion[_K] = _Deletion([], [])
+
+        def ost(event: Message) -> None:
+            try:
+                info = parse_ost(event.get("data"))
+            except ValueError as err:
+                log.warning("guest %s: unexpected %s: %s", self._guest, _OST_EVENT, err)
+                return
+            # The event names the device by id; ours live in /machine/peripheral.
+            path = next((p for p in pending if p == f"{_PERIPHERAL}/{info.device}"), "")
+            if not path:
+                return
+            if not eject_refused(info):
+                log.debug("guest %s: %s: %s", self._guest, path, info.describe())
+                return
+            pending.discard(path)
+            result.refused.append((path, info))
+            log.warning(
+                "guest %s: the guest refused to eject %s: %s", self._guest, path, info.describe()
+            )
 
         async def on_event(event: Message) -> None:
+            if event["event"] == _OST_EVENT:
+                ost(event)
+                return
             path = _obj(event.get("data"), "event data").get("path")
             if not isinstance(path, str):
                 return
@@ -735,8 +916,9 @@ class QmpBackend:
                 return
             pending.discard(path)
             if event["event"] == "DEVICE_DELETED":
-                deleted.append(paths[path])
+                result.deleted.append(paths[path])
             else:  # DEVICE_UNPLUG_GUEST_ERROR: the guest refused, it will not go
+                result.refused.append((path, None))
                 log.warning("guest %s: the guest refused to eject %s", self._guest, path)
 
         listener = EventListener(_UNPLUG_EVENTS)
@@ -751,7 +933,7 @@ class QmpBackend:
                 sorted(paths),
             )
             await self._wait(listener, deadline, lambda: not pending, on_event)
-        return deleted
+        return result
 
     # ------------------------------------------------------------- memory
 
@@ -897,10 +1079,11 @@ class QmpBackend:
             memory = await self._memory()
             addressable = (d for d in memory.dimms if d.id is not None)
             dimms = dimms_fully_offline(addressable, blocks, block_size)
+            deletion: _Deletion[Dimm] = _Deletion([], [])
             if dimms:
                 by_path = {f"{_PERIPHERAL}/{d.id}": d for d in dimms}
-                gone = await self._delete_devices(by_path, deadline)
-                for dimm in gone:
+                deletion = await self._delete_devices(by_path, deadline)
+                for dimm in deletion.deleted:
                     removed.extend(dimm.blocks(block_size))
                 await self._delete_orphan_backends()
             if self._mechanism is MemoryMechanism.VIRTIO_MEM:
@@ -911,6 +1094,10 @@ class QmpBackend:
                 removed,
                 len(set(blocks)),
             )
+            if deletion.refused:
+                raise self._refusal(
+                    f"unplug memory blocks {sorted(set(blocks))}", deletion, removed
+                )
             return sorted(removed)
 
     async def _unplug_virtio_mem(
@@ -936,13 +1123,25 @@ class QmpBackend:
 
     # ------------------------------------------------------------- balloon
 
-    async def balloon(self, target_bytes: int) -> None:
-        """Ask the guest's balloon driver to shrink or grow the guest to `target_bytes`.
+    async def set_balloon(self, hold_bytes: int) -> None:
+        """Make the guest's balloon hold `hold_bytes` of its memory (0 deflates it).
 
-        Returns once QEMU accepted the target; the guest follows at its own pace
-        (query-balloon `actual`). Raises BackendError when the guest has no balloon
-        device ("DeviceNotActive").
+        Returns once QEMU took the target; the guest's driver follows at its own pace
+        (`state().balloon_bytes`). Raises BackendError ("DeviceNotActive") without a
+        balloon device.
         """
-        if target_bytes <= 0:
-            raise ValueError(f"target_bytes must be > 0, not {target_bytes}")
-        await self._execute("balloon", {"value": target_bytes})
+        if hold_bytes < 0:
+            raise ValueError(f"hold_bytes must be >= 0, not {hold_bytes}")
+        async with self._lock:
+            ram = self._machine.boot + (await self._memory()).plugged
+            try:
+                target = balloon_target(ram, hold_bytes)
+            except ValueError as err:
+                raise BackendError(self._guest, f"balloon hold {hold_bytes}", str(err)) from err
+            await self._execute("balloon", {"value": target})
+            log.info(
+                "guest %s: balloon to hold %d MiB (guest left with %d MiB)",
+                self._guest,
+                hold_bytes // MiB,
+                target // MiB,
+            )

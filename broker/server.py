@@ -2,14 +2,16 @@
 
 A session is bound to a guest by how it arrived, never by what it claims: each
 guest has its own listener (a TCP port or unix socket only that VM can reach),
-or, on a shared TLS listener, its client certificate's common name. A Hello
-claiming another identity is refused with PERMISSION_DENIED and logged.
+or, on a shared TLS listener, its client certificate's common name, or, on the
+shared vsock listener, the peer's CID, which the host's vhost-vsock vouches for.
+A Hello claiming another identity is refused with PERMISSION_DENIED and logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -30,6 +32,17 @@ STOP_GRACE_SECONDS = 2.0
 # Largest believable topology; anything bigger is a confused or hostile guest.
 _MAX_CPUS = 8192
 _MAX_BLOCKS = 1 << 20
+# VMADDR_CID_ANY: the vsock listener takes connections to any of the host's CIDs.
+_VSOCK_CID_ANY = (1 << 32) - 1
+# gRPC names a vsock peer "vsock:CID:PORT" (src/core/lib/address_utils/
+# sockaddr_utils.cc, grpc_sockaddr_to_uri).
+_VSOCK_PEER = re.compile(r"vsock:(\d+):(\d+)")
+
+
+def vsock_peer_cid(peer: str) -> int | None:
+    """The CID of a vsock peer as gRPC's `context.peer()` names it, or None."""
+    match = _VSOCK_PEER.fullmatch(peer)
+    return int(match.group(1)) if match else None
 
 
 class IdentityError(Exception):
@@ -56,18 +69,42 @@ def check_hello(hello: pb.Hello) -> str | None:
 
 class GuestServicer(pb_grpc.BrokerServicer):
     """Serves sessions on one listener; `bound_guest` is that listener's guest,
-    or None on the shared TLS listener, where the certificate decides."""
+    or None on a shared listener: the TLS one, where the certificate decides
+    (`names`: common name to guest), or the vsock one, where the peer's CID
+    does (`cids`: CID to guest)."""
 
     def __init__(
-        self, broker: Broker, bound_guest: str | None, names: dict[str, str] | None = None
+        self,
+        broker: Broker,
+        bound_guest: str | None,
+        names: dict[str, str] | None = None,
+        cids: dict[int, str] | None = None,
     ) -> None:
         self.broker = broker
         self.bound_guest = bound_guest
         self.names = names or {}
+        self.cids = cids
+
+    @property
+    def _how(self) -> str:
+        if self.bound_guest is not None:
+            return "listener"
+        return "vsock CID" if self.cids is not None else "client certificate"
 
     def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         if self.bound_guest is not None:
             return self.bound_guest
+        if self.cids is not None:
+            # The host's vhost-vsock drops a VM's packets whose source CID is
+            # not the one QEMU gave it: a guest cannot connect as another's.
+            cid = vsock_peer_cid(context.peer())
+            guest = self.cids.get(cid) if cid is not None else None
+            if guest is None:
+                raise IdentityError(
+                    f"vsock CID {cid if cid is not None else '(not a vsock peer)'} "
+                    "is no configured guest's vsock_cid"
+                )
+            return guest
         auth = context.auth_context()
         names = [name.decode(errors="replace") for name in auth.get("x509_common_name", [])]
         for name in names:
@@ -103,7 +140,7 @@ class GuestServicer(pb_grpc.BrokerServicer):
         hello = first.hello
         if hello.guest_id and hello.guest_id != guest_id:
             self.broker.metrics.failure(guest_id, "refused_identity")
-            how = "listener" if self.bound_guest is not None else "client certificate"
+            how = self._how
             log.warning(
                 "refused a session from %s: it claims to be guest %r but its %s is guest %r's",
                 peer,
@@ -204,10 +241,33 @@ async def start_servers(broker: Broker, config: BrokerConfig) -> list[grpc.aio.S
             await server.start()
             servers.append(server)
             log.info("TLS listener on %s for %d guests", section.tls_listen, len(names))
+        if section.vsock_port:
+            servers.append(await _start_vsock(broker, config))
     except BaseException:
         await stop_servers(servers)
         raise
     return servers
+
+
+async def _start_vsock(broker: Broker, config: BrokerConfig) -> grpc.aio.Server:
+    cids = {g.vsock_cid: g.id for g in config.guests if g.vsock_cid}
+    address = f"vsock:{_VSOCK_CID_ANY}:{config.broker.vsock_port}"
+    server = grpc.aio.server()
+    pb_grpc.add_BrokerServicer_to_server(GuestServicer(broker, None, cids=cids), server)
+    _add_health(server)
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError as err:
+        # gRPC's core has vsock only where it was built with it
+        # (GRPC_HAVE_VSOCK); the PyPI wheels are not, and say "VSOCK is not
+        # supported" on stderr.
+        raise ListenError(
+            f"cannot listen on {address} (vsock_port): {err}; does this host have vsock "
+            "(vhost_vsock loaded) and this grpcio vsock support?"
+        ) from err
+    await server.start()
+    log.info("vsock listener on port %d for %d guests", config.broker.vsock_port, len(cids))
+    return server
 
 
 async def stop_servers(servers: list[grpc.aio.Server]) -> None:

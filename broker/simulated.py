@@ -3,7 +3,9 @@
 Plugging creates CPUs and memory blocks in the fake tree, as ACPI or virtio-mem
 hot-add would in a real guest; unplugging removes only what the guest has
 offlined, as ACPI eject does. An optional delay models the hypervisor's and the
-guest kernel's time to plug.
+guest kernel's time to plug. An optional balloon records what it is asked to hold
+and reports it held at once, as a guest driver that keeps up would; the fake tree
+does not change for it (ballooned memory stays online in a real guest too).
 """
 
 from __future__ import annotations
@@ -23,10 +25,15 @@ class SimulatedBackend:
         name: str = "simulated",
         plug_delay: float = 0.0,
         max_memory_bytes: int = 0,
+        balloon: bool = False,
     ) -> None:
         self.guest = guest
         self.name = name
         self.plug_delay = plug_delay
+        self._balloon = balloon
+        self.balloon_bytes = 0
+        # Every size the balloon was asked for, in order (for tests).
+        self.balloon_requests: list[int] = []
         # Boot blocks carry a marker in the tree: counted from it rather than
         # from what is listed now, a restarted broker can still unplug the
         # blocks the last one plugged.
@@ -37,6 +44,14 @@ class SimulatedBackend:
         # Without a stated maximum, allow four times the boot memory.
         self._max_memory = max_memory_bytes or 4 * self._boot_blocks * guest.block_size
 
+    @property
+    def available(self) -> bool:
+        return True
+
+    @property
+    def has_balloon(self) -> bool:
+        return self._balloon
+
     async def state(self) -> PlugState:
         blocks = len(self.guest.block_indexes())
         return PlugState(
@@ -45,6 +60,7 @@ class SimulatedBackend:
             boot_memory_bytes=self._boot_blocks * self.guest.block_size,
             max_cpus=len(self.guest.possible_cpus()),
             max_memory_bytes=self._max_memory,
+            balloon_bytes=self.balloon_bytes,
         )
 
     async def plug_cpus(self, count: int) -> list[int]:
@@ -90,6 +106,14 @@ class SimulatedBackend:
                 continue  # still online, or already gone
             removed.append(index)
         return removed
+
+    async def set_balloon(self, hold_bytes: int) -> None:
+        if hold_bytes < 0:
+            raise ValueError(f"hold_bytes must be >= 0, not {hold_bytes}")
+        if not self._balloon:
+            raise BackendError(self.name, "balloon", "No balloon device has been activated")
+        self.balloon_requests.append(hold_bytes)
+        self.balloon_bytes = hold_bytes
 
     async def close(self) -> None:
         return None

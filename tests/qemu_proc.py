@@ -3,11 +3,17 @@
 QMP works without a guest OS, so hotplug commands can be checked against the real
 thing. Each VM gets its own directory, two QMP sockets (one for the code under
 test, one for the test to look with: QEMU serves one client per socket) and is
-killed by its own pid.
+killed by its own pid. A new QemuProcess on the same directory is a restarted
+QEMU on the same sockets.
+
+With `qtest=True` QEMU runs under its qtest accelerator instead of TCG and serves
+the qtest protocol on a third socket: a test can then write the guest's side of
+an I/O port, e.g. the ACPI _OST answer a guest OS gives to an eject (`AcpiGuest`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -22,8 +28,6 @@ QEMU_BINARY = "qemu-system-x86_64"
 # running SeaBIOS with nothing to boot would only burn CPU and reset.
 BASE_ARGS = (
     "-S",
-    "-accel",
-    "tcg",
     "-machine",
     "q35",
     "-nodefaults",
@@ -69,17 +73,30 @@ def _accepts(path: Path) -> bool:
 class QemuProcess:
     """One QEMU process; use as a context manager so it is always killed."""
 
-    def __init__(self, workdir: Path, extra_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, workdir: Path, extra_args: Sequence[str] = (), *, qtest: bool = False
+    ) -> None:
         binary = qemu_binary()
         if binary is None:
             raise RuntimeError(f"{QEMU_BINARY} is not installed")
         workdir.mkdir(parents=True, exist_ok=True)
         self.qmp_socket = workdir / "qmp.sock"
         self.inspect_socket = workdir / "inspect.sock"
+        self.qtest_socket = workdir / "qtest.sock"
         self._log_path = workdir / "qemu.log"
+        # -qtest picks the qtest accelerator itself; it refuses to share with TCG.
+        accel = (
+            ("-qtest", f"unix:{self.qtest_socket},server=on,wait=off")
+            if qtest
+            else (
+                "-accel",
+                "tcg",
+            )
+        )
         self.args = [
             binary,
             *BASE_ARGS,
+            *accel,
             *DEFAULT_MACHINE_ARGS,
             *extra_args,
             "-qmp",
@@ -125,3 +142,61 @@ class QemuProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.kill()
+
+
+# The guest-facing ACPI hotplug registers on q35 (QEMU docs/specs/
+# acpi_cpu_hotplug.rst and acpi_mem_hotplug.rst): a selector, then the _OST
+# event and status; writing the status makes QEMU emit ACPI_DEVICE_OST.
+_CPU_HOTPLUG_BASE = 0x0CD8
+_CPU_CMD_OFFSET = 0x5
+_CPU_DATA_OFFSET = 0x8
+_CPU_CMD_OST_EVENT = 1
+_CPU_CMD_OST_STATUS = 2
+_MEMORY_HOTPLUG_BASE = 0x0A00
+_MEMORY_OST_EVENT_OFFSET = 0x4
+_MEMORY_OST_STATUS_OFFSET = 0x8
+
+
+class AcpiGuest:
+    """Plays a guest OS's ACPI code over QEMU's qtest socket: answers an eject."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    async def open(cls, proc: QemuProcess) -> AcpiGuest:
+        reader, writer = await asyncio.open_unix_connection(str(proc.qtest_socket))
+        return cls(reader, writer)
+
+    async def _command(self, line: str) -> None:
+        self._writer.write(f"{line}\n".encode())
+        await self._writer.drain()
+        while True:  # skip the IRQ notices qtest interleaves
+            answer = (await self._reader.readline()).decode().strip()
+            if not answer:
+                raise RuntimeError(f"qtest closed after {line!r}")
+            if not answer.startswith("IRQ"):
+                break
+        if answer != "OK":
+            raise RuntimeError(f"qtest {line!r}: {answer}")
+
+    async def cpu_ost(self, slot: int, source: int, status: int) -> None:
+        """_OST for the CPU in possible-CPU slot `slot` (its cpu-index here)."""
+        await self._command(f"outl {_CPU_HOTPLUG_BASE:#x} {slot:#x}")
+        for command, value in ((_CPU_CMD_OST_EVENT, source), (_CPU_CMD_OST_STATUS, status)):
+            await self._command(f"outb {_CPU_HOTPLUG_BASE + _CPU_CMD_OFFSET:#x} {command:#x}")
+            await self._command(f"outl {_CPU_HOTPLUG_BASE + _CPU_DATA_OFFSET:#x} {value:#x}")
+
+    async def dimm_ost(self, slot: int, source: int, status: int) -> None:
+        """_OST for the DIMM in slot `slot` (query-memory-devices' `slot`)."""
+        await self._command(f"outl {_MEMORY_HOTPLUG_BASE:#x} {slot:#x}")
+        event = _MEMORY_HOTPLUG_BASE + _MEMORY_OST_EVENT_OFFSET
+        await self._command(f"outl {event:#x} {source:#x}")
+        await self._command(
+            f"outl {_MEMORY_HOTPLUG_BASE + _MEMORY_OST_STATUS_OFFSET:#x} {status:#x}"
+        )
+
+    async def close(self) -> None:
+        self._writer.close()
+        await self._writer.wait_closed()

@@ -19,21 +19,25 @@ from typing import Any
 
 import pytest
 from qemu.qmp import QMPClient
-from qemu_proc import BALLOON_ARGS, VIRTIO_MEM_ARGS, QemuProcess, qemu_binary
+from qemu_proc import BALLOON_ARGS, VIRTIO_MEM_ARGS, AcpiGuest, QemuProcess, qemu_binary
 
-from broker.backend import BackendError, BackendUnavailable
+from broker.backend import BackendError, BackendUnavailable, EjectRefused
 from broker.qmp_backend import (
     CpuSlot,
     Dimm,
     MemoryMechanism,
+    OstInfo,
     QmpBackend,
     QmpBackendOptions,
     VirtioMem,
+    balloon_target,
     blocks_within,
     dimms_fully_offline,
+    eject_refused,
     free_cpu_slots,
     parse_cpu_slots,
     parse_memory_devices,
+    parse_ost,
 )
 
 MiB = 1 << 20
@@ -144,6 +148,45 @@ def test_parse_replies_as_qemu_7_2_sends_them() -> None:
     assert (memory.slots_used, memory.region_used, memory.plugged) == (1, 1280 * MiB, 256 * MiB)
 
 
+def test_parse_ost_as_qemu_10_sends_it() -> None:
+    # A guest refusing to eject vmtide-cpu1 (recorded from qemu-system-x86_64
+    # 10.0 through its qtest socket: the same registers a guest's _OST writes).
+    event = {"info": {"device": "vmtide-cpu1", "source": 3, "status": 130, "slot": "1",
+                      "slot-type": "CPU"}}  # fmt: skip
+    info = parse_ost(event)
+    assert info == OstInfo(device="vmtide-cpu1", slot="1", slot_type="CPU", source=3, status=0x82)
+    assert info.describe() == "_OST status 0x82 (device busy) for source 0x3 (eject request)"
+    no_device = parse_ost({"info": {"slot": "2", "slot-type": "DIMM", "source": 1, "status": 0}})
+    assert no_device.device is None
+    with pytest.raises(ValueError, match="status"):
+        parse_ost({"info": {"slot": "1", "slot-type": "CPU", "source": 3}})
+
+
+@pytest.mark.parametrize(
+    ("source", "status", "refused"),
+    [
+        (0x03, 0x84, False),  # Linux: eject in progress...
+        (0x103, 0x00, False),  # ...then done
+        (0x03, 0x82, True),  # device busy (offlining failed)
+        (0x03, 0x01, True),  # non-specific failure
+        (0x103, 0x80, True),  # ejection not supported by OSPM
+        (0x03, 0x02, True),  # the guest did not understand the eject
+        (0x01, 0x82, False),  # a device check, not an eject
+    ],
+)
+def test_eject_refused(source: int, status: int, refused: bool) -> None:
+    info = OstInfo(device="d", slot="0", slot_type="DIMM", source=source, status=status)
+    assert eject_refused(info) is refused
+
+
+def test_balloon_target_is_what_the_guest_keeps() -> None:
+    assert balloon_target(2 * GiB, 0) == 2 * GiB  # deflated
+    assert balloon_target(2 * GiB, 512 * MiB) == 1536 * MiB
+    for hold in (-1, 2 * GiB):
+        with pytest.raises(ValueError):
+            balloon_target(2 * GiB, hold)
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -200,8 +243,10 @@ async def start_vm(tmp_path: Path) -> AsyncIterator[StartVm]:
     vms: list[Vm] = []
     procs: list[QemuProcess] = []
 
-    async def start(*extra_args: str) -> Vm:
-        proc = QemuProcess(tmp_path / f"vm{len(procs)}", extra_args)
+    async def start(*extra_args: str, qtest: bool = False, replacing: Vm | None = None) -> Vm:
+        # `replacing`: a new QEMU on the sockets of one that was killed.
+        workdir = replacing.proc.qmp_socket.parent if replacing else tmp_path / f"vm{len(procs)}"
+        proc = QemuProcess(workdir, extra_args, qtest=qtest)
         procs.append(proc)  # before start(): killed whatever happens next
         await asyncio.to_thread(proc.start)  # polls with short sleeps: off the loop
         inspector = QMPClient("test-inspector")
@@ -505,10 +550,19 @@ async def test_balloon(start_vm: StartVm, open_backend: OpenBackend) -> None:
     backend = await open_backend(vm)
     assert backend.has_balloon
 
-    await backend.balloon(256 * MiB)
+    await backend.set_balloon(256 * MiB)
 
     # Accepted; without a guest driver `actual` stays at boot memory.
     assert await vm.qmp("query-balloon") == {"actual": 512 * MiB}
+    assert (await backend.state()).balloon_bytes == 0
+    # QEMU counts plugged DIMMs in the guest's size (and in `actual`): the
+    # balloon holds nothing more for them, and its target is boot + DIMMs - hold.
+    await backend.plug_memory(BLOCK)
+    assert await vm.qmp("query-balloon") == {"actual": 512 * MiB + BLOCK}
+    assert (await backend.state()).balloon_bytes == 0
+    await backend.set_balloon(0)
+    with pytest.raises(BackendError, match="cannot hold"):
+        await backend.set_balloon(512 * MiB + BLOCK)
 
 
 @pytest.mark.qemu
@@ -520,7 +574,7 @@ async def test_balloon_without_device_is_refused(
     assert not backend.has_balloon
 
     with pytest.raises(BackendError) as caught:
-        await backend.balloon(256 * MiB)
+        await backend.set_balloon(256 * MiB)
     assert caught.value.error_class == "DeviceNotActive"
     assert "No balloon device has been activated" in str(caught.value)
 
@@ -603,3 +657,129 @@ async def test_socket_held_by_another_client_times_out(
     with pytest.raises(BackendUnavailable, match="no QMP greeting"):
         await asyncio.wait_for(backend.connect(), HANG_BOUND_SECONDS)
     await backend.close()
+
+
+# ----------------------------------------------------------------- the guest's _OST
+
+
+async def waiting_for_events(caplog: pytest.LogCaptureFixture) -> None:
+    async def waiting() -> bool:
+        return any("waiting up to" in r.getMessage() for r in caplog.records)
+
+    await eventually(waiting, "the backend waits for the unplug")
+
+
+@pytest.mark.qemu
+async def test_cpu_eject_refused_by_the_guest_ends_the_wait(
+    start_vm: StartVm, open_backend: OpenBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    vm = await start_vm(qtest=True)
+    await vm.modern_cpu_hotplug()
+    backend = await open_backend(vm)
+    assert await backend.plug_cpus(1) == [1]
+    guest = await AcpiGuest.open(vm.proc)
+    caplog.set_level(logging.DEBUG, logger="broker.qmp_backend")
+    unplug = asyncio.create_task(backend.unplug_cpus([1], timeout=60))
+    await waiting_for_events(caplog)
+
+    started = time.monotonic()
+    await guest.cpu_ost(slot=1, source=0x03, status=0x82)  # what Linux says when busy
+    with pytest.raises(EjectRefused) as caught:
+        await asyncio.wait_for(unplug, HANG_BOUND_SECONDS)
+
+    assert time.monotonic() - started < HANG_BOUND_SECONDS  # not the 60 s deadline
+    err = caught.value
+    assert (err.status, err.source, err.removed) == (0x82, 0x03, [])
+    assert "refused to eject /machine/peripheral/vmtide-cpu1" in str(err)
+    assert "_OST status 0x82 (device busy)" in str(err)
+    assert (await vm.hotpluggable_cpus())[1] == "/machine/peripheral/vmtide-cpu1"
+    await guest.close()
+
+
+@pytest.mark.qemu
+async def test_cpu_eject_in_progress_keeps_waiting(
+    start_vm: StartVm, open_backend: OpenBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    vm = await start_vm(qtest=True)
+    await vm.modern_cpu_hotplug()
+    backend = await open_backend(vm)
+    await backend.plug_cpus(1)
+    guest = await AcpiGuest.open(vm.proc)
+    caplog.set_level(logging.DEBUG, logger="broker.qmp_backend")
+    started = time.monotonic()
+    unplug = asyncio.create_task(backend.unplug_cpus([1], timeout=1.0))
+    await waiting_for_events(caplog)
+
+    await guest.cpu_ost(slot=1, source=0x03, status=0x84)  # "ejection in progress"
+
+    # Not a refusal: the wait goes on to its deadline, and nothing was removed.
+    assert await asyncio.wait_for(unplug, HANG_BOUND_SECONDS) == []
+    assert time.monotonic() - started >= 1.0
+    await guest.close()
+
+
+@pytest.mark.qemu
+async def test_dimm_eject_refused_by_the_guest_ends_the_wait(
+    start_vm: StartVm, open_backend: OpenBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    vm = await start_vm(qtest=True)
+    backend = await open_backend(vm)
+    await backend.plug_memory(BLOCK)
+    (dimm,) = await vm.memory_devices("dimm")
+    guest = await AcpiGuest.open(vm.proc)
+    caplog.set_level(logging.DEBUG, logger="broker.qmp_backend")
+    unplug = asyncio.create_task(backend.unplug_memory([dimm["addr"] // BLOCK], BLOCK, timeout=60))
+    await waiting_for_events(caplog)
+
+    await guest.dimm_ost(slot=dimm["slot"], source=0x03, status=0x01)
+    with pytest.raises(EjectRefused) as caught:
+        await asyncio.wait_for(unplug, HANG_BOUND_SECONDS)
+
+    assert (caught.value.status, caught.value.removed) == (0x01, [])
+    assert "non-specific failure" in str(caught.value)
+    assert [d["id"] for d in await vm.memory_devices("dimm")] == ["vmtide-dimm0"]
+    await guest.close()
+
+
+# ----------------------------------------------------------------- QEMU restarted
+
+
+@pytest.mark.qemu
+async def test_connect_again_to_a_restarted_qemu(
+    start_vm: StartVm, open_backend: OpenBackend
+) -> None:
+    first = await start_vm()
+    backend = await open_backend(first)
+    old_pid = backend.qemu_pid
+    assert old_pid == first.proc.pid
+    # Under TCG that was this QEMU's last vCPU hot-plug (maxcpus=4 over its life).
+    assert await backend.plug_cpus(3) == [1, 2, 3]
+    first.proc.kill()
+    with pytest.raises(BackendUnavailable):
+        await backend.state()
+    assert not backend.available
+
+    second = await start_vm(replacing=first)
+    await backend.connect()
+
+    # A new process, read afresh: its boot CPU only, and its own vCPU budget.
+    assert backend.available
+    assert backend.qemu_pid == second.proc.pid != old_pid
+    assert (await backend.state()).cpus == {0}
+    assert await backend.plug_cpus(1) == [1]
+
+
+@pytest.mark.qemu
+async def test_wait_closed_returns_when_qemu_exits(
+    start_vm: StartVm, open_backend: OpenBackend
+) -> None:
+    vm = await start_vm()
+    backend = await open_backend(vm)
+    closed = asyncio.create_task(backend.wait_closed())
+    await asyncio.sleep(0.1)
+    assert not closed.done()
+
+    vm.proc.kill()
+
+    await asyncio.wait_for(closed, HANG_BOUND_SECONDS)
+    assert not backend.available
