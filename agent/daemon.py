@@ -531,10 +531,15 @@ class Agent:
             return
         now = time.monotonic()
         last = self._last_request
+        # A grow the outstanding request already covers is not news: a noisy
+        # need (2, 3, 4, 3 CPUs while nothing is granted) would otherwise send
+        # a request every period. Asking for more, or giving back, goes at once;
+        # the retry interval re-sends the current want.
         if (
             last is not None
-            and (last[0], last[1]) == (want.cpus, want.memory_bytes)
             and now - last[2] < self.config.broker.request_retry_seconds
+            and granted.cpus <= want.cpus <= last[0]
+            and granted.memory_bytes <= want.memory_bytes <= last[1]
         ):
             return
         self._request_id += 1

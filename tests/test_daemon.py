@@ -576,3 +576,37 @@ def test_a_sample_carries_the_period_own_stall_from_the_psi_totals(guest: FakeGu
     assert math.isnan(make_sample(after, topo, later_boot).memory_some_now)
     no_psi = dataclasses.replace(after, psi_available=False)
     assert math.isnan(make_sample(no_psi, topo, before).cpu_some_now)
+
+
+def test_a_noisy_grow_the_outstanding_request_covers_is_not_resent(guest: FakeGuest) -> None:
+    from agent.daemon import Amount
+
+    agent, link = build(guest)
+    agent.entitlement = Amount(1, 1 * GiB)
+
+    def want(cpus: int, memory: int = 1 * GiB) -> None:
+        cpu = policy.Decision(cpus, 1, f"need {cpus}", policy.Urgency.HIGH, False)
+        mem = policy.Decision(memory, 1 * GiB, "hold", policy.Urgency.LOW, False)
+        agent._request(Amount(cpus, memory), policy.Decisions(cpu, mem))
+
+    def asked() -> list[tuple[int, int]]:
+        return [
+            (m.request.cpus, m.request.memory_bytes)
+            for m in link.sent
+            if m.WhichOneof("body") == "request"
+        ]
+
+    # Nothing is granted and the need wobbles: one request covers it.
+    for cpus in (4, 2, 3, 4, 2):
+        want(cpus)
+    assert asked() == [(4, 1 * GiB)]
+    # More than asked goes at once; so does a memory grow beyond the last ask.
+    want(5)
+    want(5, 2 * GiB)
+    assert asked() == [(4, 1 * GiB), (5, 1 * GiB), (5, 2 * GiB)]
+    # Once the retry interval has passed, the current want is sent again.
+    assert agent._last_request is not None
+    cpus, memory, at = agent._last_request
+    agent._last_request = (cpus, memory, at - agent.config.broker.request_retry_seconds)
+    want(3)
+    assert asked()[-1] == (3, 1 * GiB)
