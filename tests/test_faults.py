@@ -573,7 +573,10 @@ async def test_a_uevent_storm_is_coalesced(tmp_path: Path) -> None:
             30,
             "everything hot-added online",
         )
-    assert rescans < sent // 100, f"{rescans} rescans for {sent} uevents"
+    # Coalesced: one rescan per event would be 10,001. How many bursts the
+    # storm splits into depends on how fast this host delivers it (60 to 160
+    # seen), so the bound is loose.
+    assert rescans < sent // 20, f"{rescans} rescans for {sent} uevents"
 
 
 # ---------------------------------------------------------- broker unreachable
