@@ -90,7 +90,9 @@ class GuestRecord:
     last_request_at: float = 0.0
     last_grant_id: int = 0  # the latest Grant sent in this session
     reclaim_backoff_until: float = 0.0
-    plug_backoff_until: float = 0.0  # after a failed hot-plug, not again before this
+    # After a failed hot-plug of a resource ("cpus", "memory"), not again before
+    # this: a guest out of vCPU slots still gets memory, and the reverse.
+    plug_backoff_until: dict[str, float] = field(default_factory=dict)
     # Counted as plugged when the hypervisor never said (unreachable at start).
     assumed_plugged: Amount = ZERO
     # Why the hypervisor is unreachable ("" while it answers).
@@ -586,7 +588,7 @@ class Broker:
                 return
             self._count_plugged(guest, state)
             guest.backend_error = ""
-            guest.plug_backoff_until = 0.0
+            guest.plug_backoff_until.clear()
             log.info(
                 "guest %s: hypervisor back: %d cpus and %d MiB plugged",
                 guest_id,
@@ -692,37 +694,34 @@ class Broker:
         if not guest.changeable or guest.pending:
             return
         new_cpus: list[int] = []
-        may_plug = self._clock() >= guest.plug_backoff_until
         if target.memory > guest.entitled.memory:
             # Ballooned memory first: it is plugged already, and counted.
             await self._fit_balloon(guest, target)
-        try:
-            missing_cpus = target.cpus - len(guest.present_cpus)
-            if missing_cpus > 0 and may_plug:
-                started = time.monotonic()
+        missing_cpus = target.cpus - len(guest.present_cpus)
+        if missing_cpus > 0 and self._may_plug(guest, "cpus"):
+            started = time.monotonic()
+            try:
                 new_cpus = await guest.backend.plug_cpus(missing_cpus)
+            except BackendError as err:
+                self._plug_failed(guest, "cpus", err)
+            else:
                 guest.present_cpus = guest.present_cpus | set(new_cpus)
                 self.metrics.hotplugged(guest.id, "cpus", time.monotonic() - started)
-            missing_memory = target.memory - guest.present_memory
-            if missing_memory > 0 and may_plug:
-                started = time.monotonic()
-                step = guest.config.memory_step_bytes
+        missing_memory = target.memory - guest.present_memory
+        if missing_memory > 0 and self._may_plug(guest, "memory"):
+            started = time.monotonic()
+            step = guest.config.memory_step_bytes
+            try:
                 while missing_memory > 0:
                     added = await guest.backend.plug_memory(min(step, missing_memory))
                     if added <= 0:
                         break
                     guest.present_memory += added
                     missing_memory -= added
+            except BackendError as err:
+                self._plug_failed(guest, "memory", err)
+            else:
                 self.metrics.hotplugged(guest.id, "memory", time.monotonic() - started)
-        except BackendError as err:
-            log.error(
-                "guest %s: hot-plug failed (not tried again for %.0f s): %s",
-                guest.id,
-                PLUG_BACKOFF_SECONDS,
-                err,
-            )
-            self.metrics.failure(guest.id, "plug_failed")
-            guest.plug_backoff_until = self._clock() + PLUG_BACKOFF_SECONDS
         granted = Amount(
             min(target.cpus, len(guest.present_cpus)),
             min(target.memory, guest.present_memory),
@@ -744,6 +743,20 @@ class Broker:
             granted.memory >> 20,
             reason,
         )
+
+    def _may_plug(self, guest: GuestRecord, resource: str) -> bool:
+        return self._clock() >= guest.plug_backoff_until.get(resource, 0.0)
+
+    def _plug_failed(self, guest: GuestRecord, resource: str, err: BackendError) -> None:
+        log.error(
+            "guest %s: hot-plug of %s failed (not tried again for %.0f s): %s",
+            guest.id,
+            resource,
+            PLUG_BACKOFF_SECONDS,
+            err,
+        )
+        self.metrics.failure(guest.id, "plug_failed")
+        guest.plug_backoff_until[resource] = self._clock() + PLUG_BACKOFF_SECONDS
 
     def _grant_message(
         self, guest: GuestRecord, amount: Amount, cpu_ids: Sequence[int], request_id: int

@@ -15,7 +15,7 @@ from simulation import broker_config
 from agent.kernel import Kernel
 from agent.topology import Topology
 from broker.arbiter import Amount
-from broker.backend import BackendUnavailable, EjectRefused, PlugState
+from broker.backend import BackendError, BackendUnavailable, EjectRefused, PlugState
 from broker.config import CpuLimits, GuestConfig, MemoryLimits
 from broker.core import Broker, GuestRecord
 from broker.metrics import BrokerMetrics
@@ -264,6 +264,38 @@ async def test_a_guest_never_read_is_counted_at_its_burst_limit(tmp_path: Path) 
     backend.up = True
     await setup.broker.backend_up("g")
     assert setup.broker.allocated() == Amount(1, 1 * GiB)
+
+
+class OutOfVcpus(SimulatedBackend):
+    """QEMU refuses every vCPU hot-plug (no slot left, or TCG's budget spent)."""
+
+    cpu_attempts = 0
+
+    async def plug_cpus(self, count: int) -> list[int]:
+        self.cpu_attempts += 1
+        raise BackendError(self.name, "device_add (vCPU)", "no free vCPU slot")
+
+
+async def test_a_refused_vcpu_plug_does_not_hold_back_memory(tmp_path: Path) -> None:
+    setup = make_with(tmp_path, OutOfVcpus)
+    broker, backend = setup.broker, setup.backend
+    assert isinstance(backend, OutOfVcpus)
+    record, outbox = broker.open_session("g", hello(setup.fake))
+    sent(outbox, "grant")
+
+    await broker.on_message(record, ask(record, 1, 3, 2 * GiB))
+    await broker.rebalance()
+
+    # The vCPU failed; the memory beside it was still plugged and granted.
+    (grant,) = [m.grant for m in sent(outbox, "grant")]
+    assert (grant.cpus, grant.memory_bytes) == (1, 2 * GiB)
+    assert setup.failures("plug_failed") == 1
+    # Within the backoff the vCPU is not tried again, but memory still is.
+    await broker.on_message(record, ask(record, 2, 3, 3 * GiB))
+    await broker.rebalance()
+    (grant,) = [m.grant for m in sent(outbox, "grant")]
+    assert (grant.cpus, grant.memory_bytes) == (1, 3 * GiB)
+    assert backend.cpu_attempts == 1
 
 
 class RefusingEject(SimulatedBackend):
