@@ -8,11 +8,12 @@ Grow fast, shrink slowly (docs/policy.md has the why of every number):
 
 - Each sample yields a *need*: CPUs for its busy time at the target
   utilisation (plus one, or the run queue, when PSI shows tasks stalling);
-  memory for what is used plus headroom (a quarter more on memory pressure).
+  memory for what is used plus headroom (more on memory pressure, by how far
+  PSI is over its threshold, squared, as senpai does).
 - Grow to the smallest need over a short window (CPU 2 s; memory at once), or
   at once to the newest need when PSI shows stalls: one jump, not steps.
-- Shrink toward the largest need over a long window (CPU 180 s, memory
-  300 s), by bounded steps, one step per interval, never while PSI is
+- Shrink toward the largest sustained need over a long window (CPU 60 s,
+  memory 90 s), by bounded steps, one step per interval, never while PSI is
   elevated. A load that alternates faster than the window holds its peak.
 - Minimum, maximum and burst clamp the result. Above maximum is paid for with
   credits earned below it; as credits run low the ceiling steps back down.

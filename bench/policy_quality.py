@@ -71,73 +71,118 @@ MEMORY_DELAY_SECONDS = 2
 # trace's level, a cold start that says nothing about steady sizing.
 WARMUP_SECONDS = 60
 
-# A tuned profile, reported next to the defaults, never applied to the agent:
-# CPU sized at 90 % and followed down within a minute, memory with 10 % / 384 MiB
-# headroom, smaller blind stall grows, and a 2-minute shrink window.
+# A leaner point on the same policy, reported next to the defaults to show
+# what the parameters trade; never applied to the agent (the signal model has
+# no page cache and charges nothing per resize, the costs these savings carry
+# on a real guest). Every change is in the lean direction
+# (tests/test_bench_policy.py checks it against the defaults): CPUs held for
+# half the window and given back in one step; memory with 5 % / 256 MiB
+# headroom, a 45 s window and steps of half.
 LEAN = PolicyParams(
-    cpu=CpuParams(
-        target_utilisation_ratio=0.9,
-        shrink_window_seconds=60.0,
-        shrink_interval_seconds=10.0,
-        shrink_step_ratio=0.5,
-    ),
+    cpu=CpuParams(shrink_window_seconds=30.0, shrink_step_ratio=1.0),
     memory=MemoryParams(
-        headroom_min_bytes=384 * MiB,
-        headroom_percent=10.0,
-        stall_grow_ratio=0.1,
-        shrink_window_seconds=120.0,
-        shrink_interval_seconds=10.0,
-        shrink_step_ratio=0.25,
+        headroom_min_bytes=256 * MiB,
+        headroom_percent=5.0,
+        shrink_window_seconds=45.0,
+        shrink_step_ratio=0.5,
     ),
 )
 PROFILES = {"vmtide": PolicyParams(), "vmtide-lean": LEAN}
 
-# Hand-written, for agent/policy.py as of this benchmark's commit: re-read it
-# against the tables after any change to the policy or to the defaults.
+# Hand-written, for agent/policy.py and its defaults as of this benchmark's
+# commit: re-read it against the tables after any change to the policy, the
+# defaults, LEAN or the traces. "Side run" figures come from small scripts
+# over the same traces, replay() and score(), not from this report's run.
 FINDINGS = (
-    "Read against the tables above and below; written for `agent/policy.py` as of this"
-    " benchmark's commit.",
+    "Hand-written for `agent/policy.py` and its defaults as of this benchmark's commit."
+    ' "Side run" figures come from small scripts over the same traces, replay and scoring;'
+    " they are not in the tables. Per-second averages on the envelopes are over / 3,540"
+    " scored seconds.",
     "",
-    "- **The target cannot be met as stated.** static-peak never under-provisions inside"
-    ' the limits, so "no more under than the best baseline" means zero under, which no'
-    " policy that reacts to what it measures reaches when demand jumps (a jump is seen"
-    " after a sensing second and served after the actuation delay). The baselines with"
-    " the least over (mom-like, vpa-like) get there by under-provisioning the most. The"
-    ' telling column is "beaten by": a baseline with both less over and less under.',
-    "- **CPU: where the over-provisioning comes from.** vmtide shrinks only to the largest"
-    " per-second need, ceil(busy / 0.8), of its 180 s window. A side run on the first 30"
-    " minutes of alibaba2018 (3.1 CPUs of mean demand before bursts) splits its 3.8 CPUs"
-    " of average over-provisioning into about 1.8 from the 80 % target, whole CPUs and the"
-    " window on the smooth envelope alone, 0.9 from per-second noise (the window's maximum"
-    " of noisy samples sits well above their mean) and 1.1 from bursts, whose peak the"
-    " window holds for three minutes. On square (120 s halves, shorter than the window) it"
-    " holds ceil(peak / 0.8) by design, above static-peak's ceil(peak).",
-    "- **Memory headroom costs more than the envelopes' own swings.** A cluster mean moves"
-    " by a few percent, less than the 15 % / 512 MiB headroom, so a single static size"
-    " at the peak beats vmtide on both counts on the three envelope traces. Two further"
-    " costs: a memory stall grows by `stall_grow_ratio` (+25 %) of the current size,"
-    " blind (MemAvailable is 0 in a shortage), and that guess stays the window's peak"
-    " need for 300 s; and any PSI some >= 1 % in the window blocks every shrink for 300 s.",
-    "- **What vmtide does well.** It covers spikes within a few seconds (spike cover"
-    " column) where vpa-like, hpa-like and mom-like often never do, and its under-provisioning"
-    " is close to senpai-like's, the only baseline as quick.",
-    "- **vmtide-lean** (parameters only, below) cuts over-provisioning by a fifth to over a half"
-    " on every pair but leak's flat CPU, and is"
-    " beaten on both counts by no baseline on any pair of this run, at the price of more"
-    " under-provisioning where bursts recur just after a shrink (spike, square, step): a"
-    " shorter window gives capacity back between bursts.",
+    "- **The target cannot be met as stated.** static-peak, sized in advance for the whole"
+    " trace's peak, is short only where demand exceeds the 8-CPU maximum that binds every"
+    " policy (7, 35 and 1 CPU-s on google2019, azure_v2 and spike CPU; 0 on the other 13"
+    ' pairs). "No more under than the best baseline" thus asks a policy that reacts to what'
+    " it measures never to be short, yet a rise faster than its headroom is seen after a"
+    " sensing second and served 1 s (CPU) or 2 s (memory) later. The other half of the"
+    " target is held by the opposite extreme: every baseline with less over than vmtide on a"
+    " pair also has more under there, 4 to 72 times as much for the dynamic ones and 1.6 to"
+    " 62 times for static-p95 (on leak's CPU every policy but senpai-like ties at 2 CPUs and"
+    ' zero under). The informative columns are "beaten by" and "dyn.".',
+    "- **Where vmtide wins.** No baseline beats it on both over and under on any of the 16"
+    " pairs. It covers every marked spike, in 1-2 s on average (at most 3 s) for CPU and 2-7"
+    " s (at most 7 s) for memory, where vpa-like, hpa-like and mom-like cover none of the"
+    " spike trace's spikes and mom-like none of square's CPU highs. Its under-provisioning"
+    " is no more than vpa-like's, hpa-like's or mom-like's on any pair (ties at zero on leak"
+    " and ramp's memory). Against senpai-like, the only baseline as quick, it has less over"
+    " on all 16 pairs and no more under on 10. On memory it has less over than static-peak"
+    " and every dynamic baseline on six of the eight traces (not square or spike), and than"
+    " every baseline on step, ramp and leak; the target is met on ramp's and leak's memory.",
+    "- **Where it loses, and to whom.** Less over: mom-like on every CPU pair but leak's"
+    " (with 4 to 72 times the under, and spikes left uncovered on alibaba2018, azure_v2,"
+    " square and spike); static-p95 on the three envelopes' memory; mom-like on square's and"
+    " spike's memory; vpa-like and hpa-like on spike's CPU and memory, where they never"
+    " cover a spike. Less under: static-peak on every pair where vmtide is short at all;"
+    " senpai-like on alibaba2018, square and spike CPU and on step, square and spike memory,"
+    " at 1.6 to 2.5 times the over; static-p95 on square and spike CPU and on step, square"
+    " and spike memory.",
+    "- **CPU: where the over-provisioning comes from.** On the three envelopes vmtide holds"
+    " about 2.1 CPUs above demand on average. A side run on the smooth envelopes alone (no"
+    " bursts, no noise) leaves 0.9-1.1 of it: 0.8-0.9 is the floor of ceil(busy / 0.9)"
+    " followed every second with no delay (0.5-0.65 of that whole-CPU rounding), and"
+    " 0.1-0.25 the 60 s shrink window and the delays. Adding back the 15 % per-second noise"
+    " costs 0.5-1.1 CPUs more, a margin any size that is rarely short must keep above noisy"
+    " demand rather than a window artefact: feeding the policy a 5 s moving average of busy"
+    " time (saturated seconds as measured) cut the envelopes' over by only 4-5 %. The bursts"
+    " cost about 0.4 more. On spike, 6,490 of the 7,786 CPU-s of over (83 %) fall in the 100"
+    " s after a spike ends: the window holds the spike's need for 60 s, then steps down by"
+    " halves; the slow baselines never cover these spikes at all.",
+    "- **Memory: the headroom on the envelopes, stall grows and holds on spike.** On each"
+    " envelope vmtide holds about 11.8 blocks (1.5 GiB) above demand on average. A side run"
+    " splits each second's over into the rule's floor (used / 0.9 in whole blocks for that"
+    " second's demand: the 10 % headroom and block rounding), the window (up to the largest"
+    " such need of the last 90 s) and the rest (capacity above anything measured: stall"
+    " grows' guesses and the holds after them): 68-77 % floor, 19-26 % window and 4-6 % rest"
+    " on the envelopes. A cluster mean moves so little that one size at its 95th percentile"
+    " sits 1.0-1.3 GiB above demand on average, less than vmtide's 1.5 GiB: hence"
+    " static-p95's lower over there, at 1.6 to 62 times the under. On spike the split is 21"
+    " / 49 / 31 %. In its first memory spike (2 to 7 GiB), stall grows asked each second"
+    " while earlier ones are still landing reach 12 GiB; the shrink hold then waits about 45"
+    " s, until avg10 has been under 1 % for 10 s, so the 12 GiB stays until 10 s after the"
+    " 45 s spike ends; the window then holds the measured 7.875 GiB for 90 s after the"
+    " spike's last second, and steps of a quarter bring it down to 2.625 GiB about 40 s"
+    " later.",
+    "- **vmtide-lean** (the table below) cuts memory over by a third to nearly a half on"
+    " every trace and CPU over by 5-32 % (leak's CPU unchanged), for at most 55 block-s"
+    " (azure_v2) and 17 CPU-s (spike) more under, and more resizes on the envelopes. No"
+    " baseline beats it on both counts, but on alibaba2018's and azure_v2's memory its under"
+    ' passes senpai-like\'s, so "dyn." is lost there. The model charges nothing for what it'
+    " gives up: a real guest's headroom is page cache (the model has none), and each memory"
+    " shrink is an offline that migrates pages. It maps what the parameters trade; it is not"
+    " a proposed default.",
     "",
-    "Proposed policy changes (code, not applied; agent/policy.py is not edited here):",
+    "Proposed changes (not applied; agent/policy.py is not edited here):",
     "",
-    "1. CPU: shrink toward a high percentile (say P95) of the window's needs, or apply"
-    " the utilisation target to a short moving average of busy time, instead of the"
-    " maximum of one-second needs.",
-    "2. Memory: once a stall's grow has settled, let the measured need (used + headroom)"
-    " replace the blind +25 % in the window's peak; or scale the stall grow with PSI"
-    " severity, as senpai does ((err / 20)^2), so a small shortage buys a small grow.",
-    '3. The target: restate it as "not beaten on both over and under by any baseline, and'
-    " under-provisioning no more than the quickest dynamic baseline's\"; as written it asks"
-    " for the static-peak oracle's zero under.",
+    "1. Memory: judge the shrink hold (`shrink_hold_psi_some_percent`) by the period's own"
+    " stall share from the PSI totals, which the easing rule already reads, instead of"
+    " avg10, which takes about 40 s to decay from 50 % to 1 % once a shortage is over. A"
+    " side run doing so (the avg10 check skipped once that share stayed under 1 % for 10 s)"
+    " cut memory over by 14 % on spike, 13 % on square and 4.5 % on step, under 1 %"
+    " elsewhere, with the under unchanged on every trace.",
+    "2. Memory: re-decide `headroom_percent` on a guest with page cache. It is the largest"
+    " single source of memory over on the envelopes: a side run with 5 % (the 384 MiB floor"
+    " kept) cut their memory over by a quarter to a third, at 65, 21 and 74 block-s of under"
+    " instead of 14, 9 and 19 (a guest using under about 3.4 GiB is unaffected: the floor"
+    " exceeds both percentages there). This model cannot say what the cache it gives up is"
+    " worth.",
+    '3. The target: restate it as "beaten on both over and under by no baseline" (met on 16'
+    " of 16 pairs today) plus a bound on under-provisioning relative to the quickest dynamic"
+    " baseline; as written it asks for the static-peak oracle's zero under.",
+    "",
+    "Tried in side runs and not proposed: a 5 s CPU grow window (so the shrink holds the"
+    " largest need sustained for 5 s) cut the envelopes' CPU over by 6-9 % but raised their"
+    " under 1.7-2.6 times and their resizes 2.4-4.2 times; a 5 s moving average of busy"
+    " time, above.",
 )
 
 REPORT = "policy-quality.md"
@@ -319,7 +364,7 @@ def baselines(trace: Trace) -> list[BaselineSizer]:
         ),
         BaselineSizer(
             "hpa-like",
-            # The agent's own targets: 80 % CPU utilisation, 15 % memory headroom.
+            # HPA's usual targets (kubectl autoscale's 80 % CPU), not the agent's 90 % / 10 %.
             HpaLike(CPU_BOUNDS, INITIAL_CPUS, target=0.80),
             HpaLike(MEMORY_BOUNDS, INITIAL_MEMORY, target=0.85),
         ),
@@ -627,17 +672,19 @@ def _findings(results: Sequence[Result], info: RunInfo) -> list[str]:
         return out
     name = lean[0]
     out += [
-        f"{name} against vmtide's defaults (over: relative change; under: CPU-s or block-s):",
+        f"{name} against vmtide's defaults (over: relative change; under: CPU-s or block-s;"
+        " resizes: count):",
         "",
-        "| trace | resource | over | under |",
-        "|---|---|---:|---:|",
+        "| trace | resource | over | under | resizes |",
+        "|---|---|---:|---:|---:|",
     ]
     for r, resource, scores, _ in _pairs(results):
         base, tuned = scores["vmtide"], scores[name]
         change = 100 * (tuned.over - base.over) / base.over if base.over else 0.0
         out.append(
             f"| {r.trace.name} | {resource} | {change:+.0f} %"
-            f" | {_num(base.under)} -> {_num(tuned.under)} |"
+            f" | {_num(base.under)} -> {_num(tuned.under)}"
+            f" | {base.resizes} -> {tuned.resizes} |"
         )
     out.append("")
     return out
@@ -692,8 +739,8 @@ def render(results: Sequence[Result], info: RunInfo, plots: dict[str, str]) -> s
     for name, what in info.profiles.items():
         if name != "vmtide":
             out.append(
-                f"- **{name}**: the same policy with {what}: a tuned profile proposed by"
-                " this benchmark, not the agent's default."
+                f"- **{name}**: the same policy with {what}: a leaner point, to show what"
+                " the parameters trade; not the agent's default and not a proposed one."
             )
     out += [
         "- **static-peak** / **static-p95**: oracles: one size for the whole trace, its peak"
@@ -704,8 +751,8 @@ def render(results: Sequence[Result], info: RunInfo, plots: dict[str, str]) -> s
         "- **hpa-like**: Kubernetes HPA: every 15 s, desired = ceil(current * utilisation /"
         " target) over whole units, no change within 10 % tolerance, scale-up at most"
         " max(double, +4) per 15 s, scale-down to the highest recommendation of the last"
-        " 300 s. Targets: 80 % CPU utilisation, 85 % memory use (the agent's own 80 % and"
-        " 15 % headroom).",
+        " 300 s. Targets: 80 % CPU utilisation (kubectl autoscale's default), 85 % memory"
+        " use; the agent's defaults are 90 % and 10 % headroom.",
         "- **mom-like**: oVirt MOM balloon rule, both ways: every 10 s move toward mean"
         " usage + 20 % of the current size, by at most 5 % of the current size; changes"
         " under 0.25 % skipped. (MOM's own rules move a guest at once up to its guaranteed"
@@ -814,9 +861,10 @@ def plot(result: Result, path: Path) -> None:
             )
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].set_title(f"{trace.name}: demand and allocation", fontsize=10)
+    fig.suptitle(f"{trace.name}: demand and allocation", fontsize=10)
     axes[1].set_xlabel("minutes")
-    axes[0].legend(fontsize=7, ncol=4, loc="upper left")
+    # Above the plots, where it hides no line.
+    axes[0].legend(fontsize=7, ncol=5, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import re
@@ -16,6 +17,7 @@ ROOT = str(Path(__file__).resolve().parents[1])
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from agent.policy import PolicyParams  # noqa: E402
 from bench import policy_quality, traces  # noqa: E402
 from bench.baselines import (  # noqa: E402
     Bounds,
@@ -84,6 +86,34 @@ def test_quick_mode_writes_a_well_formed_report(tmp_path: Path) -> None:
         assert re.search(
             rf"^- \*\*{name}\*\*: target met on \d+ of 4 trace-resource pairs;", report, re.M
         )
+
+
+# Which way each parameter LEAN may move is leaner: +1 larger, -1 smaller.
+_LEANER = {
+    "target_utilisation_ratio": +1,
+    "headroom_min_bytes": -1,
+    "headroom_percent": -1,
+    "stall_grow_ratio": -1,
+    "shrink_window_seconds": -1,
+    "shrink_interval_seconds": -1,
+    "shrink_step_ratio": +1,
+    "shrink_hold_psi_some_percent": +1,
+}
+
+
+def test_lean_profile_is_leaner_than_the_defaults() -> None:
+    """The report calls it leaner: once the defaults overtake it, it must be re-tuned."""
+    lean, base = policy_quality.LEAN, PolicyParams()
+    changed = []
+    for section in ("cpu", "memory"):
+        mine, default = getattr(lean, section), getattr(base, section)
+        for f in dataclasses.fields(mine):
+            new, old = getattr(mine, f.name), getattr(default, f.name)
+            if new != old:
+                assert f.name in _LEANER, f"{section}.{f.name}: no lean direction known"
+                assert (new - old) * _LEANER[f.name] > 0, f"{section}.{f.name}: {old} -> {new}"
+                changed.append(f"{section}.{f.name}")
+    assert changed
 
 
 def test_unknown_trace_is_refused_by_name() -> None:
