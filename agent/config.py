@@ -13,6 +13,7 @@ from pathlib import Path
 from agent.kernel import MEMORY_OFFLINE_TIMEOUT_SECONDS, OnlineType
 from agent.policy import PolicyParams
 from vmtide.config import ConfigError, build, load_toml
+from vmtide.relay import parse_vsock_target
 
 DEFAULT_PATH = Path("/etc/vmtide/agent.toml")
 # The unit's RuntimeDirectory=vmtide: writable under ProtectSystem=strict.
@@ -78,7 +79,8 @@ class AgentSection:
 class BrokerSection:
     enabled: bool = True
     # gRPC target: "host:port", "unix:/path" or "vsock:CID:PORT" (CID 2 is the
-    # host). The default reaches a broker on the host over vsock.
+    # host). The default reaches a broker on the host over vsock, through the
+    # agent's own relay (vmtide.relay): PyPI's grpcio has no vsock.
     target: str = "vsock:2:7470"
     tls: bool = False
     ca_file: Path | None = None
@@ -93,6 +95,13 @@ class BrokerSection:
     def __post_init__(self) -> None:
         if not self.target:
             raise ValueError("target: must not be empty")
+        try:
+            vsock = parse_vsock_target(self.target)
+        except ValueError as err:
+            raise ValueError(f"target: {err}") from err
+        if vsock is not None and self.tls:
+            # The broker's vsock listener is plaintext: the CID is the identity.
+            raise ValueError("tls: not over vsock (the broker's vsock listener has no TLS)")
         if not 0 < self.reconnect_min_seconds <= self.reconnect_max_seconds:
             raise ValueError("reconnect_min_seconds: must be positive and at most the max")
         if not 0 < self.request_retry_seconds < math.inf:

@@ -6,15 +6,21 @@ reconciles against what the kernel shows rather than what either side
 remembers. Failures reconnect with exponential backoff and full jitter (so a
 restarted broker is not hit by every guest at once); the backoff resets once a
 Welcome arrives.
+
+A "vsock:CID:PORT" target goes through an in-process relay (vmtide.relay):
+gRPC dials a private unix socket and each of its connections is piped to a
+fresh vsock connection, since the PyPI grpcio cannot dial vsock itself.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -22,6 +28,7 @@ import grpc
 import grpc.aio
 
 from agent.config import BrokerSection
+from vmtide.relay import Relay, VsockTransport, parse_vsock_target, private_listener
 from vmtide.v1 import broker_pb2 as pb
 from vmtide.v1 import broker_pb2_grpc as pb_grpc
 
@@ -47,7 +54,8 @@ class LinkClosedError(Exception):
 
 
 def make_channel(config: BrokerSection) -> grpc.aio.Channel:
-    """A channel to the broker over TCP, unix socket or vsock, with optional TLS."""
+    """A channel to the broker over TCP or a unix socket, with optional TLS
+    (vsock: a relay's unix socket, see BrokerLink)."""
     if not config.tls:
         return grpc.aio.insecure_channel(config.target, options=_CHANNEL_OPTIONS)
     root = _read(config.ca_file)
@@ -69,12 +77,14 @@ class BrokerLink:
         on_message: MessageHandler,
         on_state: Callable[[bool], None] = lambda connected: None,
         channel_factory: Callable[[BrokerSection], grpc.aio.Channel] = make_channel,
+        vsock: VsockTransport | None = None,
     ) -> None:
         self.config = config
         self._hello = hello
         self._on_message = on_message
         self._on_state = on_state
         self._channel_factory = channel_factory
+        self._vsock = vsock or VsockTransport()
         self._outbox: asyncio.Queue[pb.GuestMessage | None] | None = None
         self._seq = 0
         self.connected = False
@@ -94,11 +104,33 @@ class BrokerLink:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a session open until `stop` is set."""
+        async with self._dialed() as dialed:
+            await self._keep(stop, dialed)
+
+    @contextlib.asynccontextmanager
+    async def _dialed(self) -> AsyncIterator[BrokerSection]:
+        """The config gRPC dials: the configured one, or over vsock the same
+        with the target of a relay that lives as long as the link runs."""
+        vsock = parse_vsock_target(self.config.target)
+        if vsock is None:
+            yield self.config
+            return
+        listener, local = private_listener()
+        dialer = _VsockDialer(self.config.target, *vsock, self._vsock)
+        relay = Relay(f"relay to {self.config.target}", listener, dialer)
+        relay.start()
+        log.debug("relaying %s through %s", self.config.target, local)
+        try:
+            yield dataclasses.replace(self.config, target=local)
+        finally:
+            await relay.stop()
+
+    async def _keep(self, stop: asyncio.Event, dialed: BrokerSection) -> None:
         ceiling = self.config.reconnect_min_seconds
         while not stop.is_set():
             welcomed = False
             try:
-                welcomed = await self._session(stop)
+                welcomed = await self._session(stop, dialed)
             except asyncio.CancelledError:
                 raise
             except grpc.aio.AioRpcError as err:
@@ -124,7 +156,7 @@ class BrokerLink:
             log.info("reconnecting to broker in %.1f s", delay)
             await _wait(stop, delay)
 
-    async def _session(self, stop: asyncio.Event) -> bool:
+    async def _session(self, stop: asyncio.Event, dialed: BrokerSection) -> bool:
         outbox: asyncio.Queue[pb.GuestMessage | None] = asyncio.Queue()
         self._outbox = outbox
         self._seq = 1
@@ -141,7 +173,7 @@ class BrokerLink:
                 yield message
 
         welcomed = False
-        async with self._channel_factory(self.config) as channel:
+        async with self._channel_factory(dialed) as channel:
             stub = pb_grpc.BrokerStub(channel)
             call = stub.Session(outgoing())
             stopper = asyncio.create_task(_cancel_on(stop, call))
@@ -175,6 +207,36 @@ class BrokerLink:
         if connected != self.connected:
             self.connected = connected
             self._on_state(connected)
+
+
+class _VsockDialer:
+    """Opens the vsock connection behind each connection gRPC makes to the
+    relay. A failure closes that connection, so gRPC sees a failed connect as
+    it would over TCP (UNAVAILABLE, and the link backs off); the cause is
+    logged once, until a connect succeeds again."""
+
+    def __init__(self, target: str, cid: int, port: int, transport: VsockTransport) -> None:
+        self.target = target
+        self.cid = cid
+        self.port = port
+        self._transport = transport
+        self._failing = False
+
+    async def __call__(self, address: object) -> socket.socket | None:
+        try:
+            sock = await self._transport.connect(self.cid, self.port)
+        except OSError as err:  # TimeoutError included
+            why = str(err) or type(err).__name__
+            if self._failing:
+                log.debug("still cannot reach the broker at %s: %s", self.target, why)
+            else:
+                log.warning("cannot reach the broker at %s: %s", self.target, why)
+            self._failing = True
+            return None
+        if self._failing:
+            log.info("reached the broker at %s again", self.target)
+        self._failing = False
+        return sock
 
 
 async def _cancel_on(stop: asyncio.Event, call: grpc.aio.StreamStreamCall) -> None:  # type: ignore[type-arg]

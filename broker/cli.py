@@ -11,13 +11,16 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from broker import config as broker_config
 from broker.backend import Backend
 from broker.config import BrokerConfig, ConfigError, GuestConfig
 from vmtide import __version__
 from vmtide.logs import setup_logging
+
+if TYPE_CHECKING:
+    from vmtide.relay import VsockTransport
 
 log = logging.getLogger("vmtide.broker")
 EXIT_CONFIG = 78  # sysexits.h EX_CONFIG; the unit does not restart on it
@@ -99,7 +102,13 @@ def _run(args: argparse.Namespace) -> int:
         return 1
 
 
-async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> int:
+async def serve(
+    config: BrokerConfig,
+    stop: asyncio.Event | None = None,
+    vsock: VsockTransport | None = None,
+) -> int:
+    """Run the broker until `stop` (or a signal); `vsock` replaces the real
+    AF_VSOCK sockets (tests)."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from broker.core import Broker
@@ -127,7 +136,7 @@ async def serve(config: BrokerConfig, stop: asyncio.Event | None = None) -> int:
             )
             keepers.append(asyncio.create_task(keeper, name=f"qmp-{guest_id}"))
         try:
-            servers = await start_servers(broker, config)
+            servers = await start_servers(broker, config, vsock)
         except ListenError as err:
             log.error("%s", err)
             return 1

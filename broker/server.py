@@ -5,21 +5,31 @@ guest has its own listener (a TCP port or unix socket only that VM can reach),
 or, on a shared TLS listener, its client certificate's common name, or, on the
 shared vsock listener, the peer's CID, which the host's vhost-vsock vouches for.
 A Hello claiming another identity is refused with PERMISSION_DENIED and logged.
+
+gRPC never sees vsock (the PyPI grpcio has none): the broker accepts vsock
+connections itself and pipes each, by the peer's CID, to that guest's own
+listener, a unix socket in a private directory (`VsockListener`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from collections.abc import AsyncIterator
-from typing import Any
+import math
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import grpc
 import grpc.aio
 
 from broker.config import BrokerConfig
 from broker.core import Broker, ProtocolViolationError
+from vmtide.relay import Relay, VsockTransport
 from vmtide.v1 import broker_pb2 as pb
 from vmtide.v1 import broker_pb2_grpc as pb_grpc
 
@@ -32,17 +42,12 @@ STOP_GRACE_SECONDS = 2.0
 # Largest believable topology; anything bigger is a confused or hostile guest.
 _MAX_CPUS = 8192
 _MAX_BLOCKS = 1 << 20
-# VMADDR_CID_ANY: the vsock listener takes connections to any of the host's CIDs.
-_VSOCK_CID_ANY = (1 << 32) - 1
-# gRPC names a vsock peer "vsock:CID:PORT" (src/core/lib/address_utils/
-# sockaddr_utils.cc, grpc_sockaddr_to_uri).
-_VSOCK_PEER = re.compile(r"vsock:(\d+):(\d+)")
-
-
-def vsock_peer_cid(peer: str) -> int | None:
-    """The CID of a vsock peer as gRPC's `context.peer()` names it, or None."""
-    match = _VSOCK_PEER.fullmatch(peer)
-    return int(match.group(1)) if match else None
+# The guest label of a vsock connection from a CID no guest has: one series,
+# whatever the CID (the log names it).
+UNKNOWN_CID_GUEST = ""
+# Any VM on the host can dial the vsock port as often as it likes: a refused
+# CID is logged at most this often, with how many refusals went unlogged.
+_REFUSAL_LOG_SECONDS = 60.0
 
 
 class IdentityError(Exception):
@@ -68,43 +73,31 @@ def check_hello(hello: pb.Hello) -> str | None:
 
 
 class GuestServicer(pb_grpc.BrokerServicer):
-    """Serves sessions on one listener; `bound_guest` is that listener's guest,
-    or None on a shared listener: the TLS one, where the certificate decides
-    (`names`: common name to guest), or the vsock one, where the peer's CID
-    does (`cids`: CID to guest)."""
+    """Serves sessions on one listener; `bound_guest` is that listener's guest
+    (`how`: what the listener stands for, for messages), or None on the shared
+    TLS listener, where the certificate decides (`names`: common name to
+    guest)."""
 
     def __init__(
         self,
         broker: Broker,
         bound_guest: str | None,
         names: dict[str, str] | None = None,
-        cids: dict[int, str] | None = None,
+        *,
+        how: str = "listener",
     ) -> None:
         self.broker = broker
         self.bound_guest = bound_guest
         self.names = names or {}
-        self.cids = cids
+        self.how = how
 
     @property
     def _how(self) -> str:
-        if self.bound_guest is not None:
-            return "listener"
-        return "vsock CID" if self.cids is not None else "client certificate"
+        return self.how if self.bound_guest is not None else "client certificate"
 
     def _identify(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         if self.bound_guest is not None:
             return self.bound_guest
-        if self.cids is not None:
-            # The host's vhost-vsock drops a VM's packets whose source CID is
-            # not the one QEMU gave it: a guest cannot connect as another's.
-            cid = vsock_peer_cid(context.peer())
-            guest = self.cids.get(cid) if cid is not None else None
-            if guest is None:
-                raise IdentityError(
-                    f"vsock CID {cid if cid is not None else '(not a vsock peer)'} "
-                    "is no configured guest's vsock_cid"
-                )
-            return guest
         auth = context.auth_context()
         names = [name.decode(errors="replace") for name in auth.get("x509_common_name", [])]
         for name in names:
@@ -205,8 +198,16 @@ class ListenError(Exception):
     pass
 
 
-async def start_servers(broker: Broker, config: BrokerConfig) -> list[grpc.aio.Server]:
-    servers = []
+class Listener(Protocol):
+    """What start_servers returns: a gRPC server, or the vsock listener."""
+
+    async def stop(self, grace: float | None) -> None: ...
+
+
+async def start_servers(
+    broker: Broker, config: BrokerConfig, vsock: VsockTransport | None = None
+) -> list[Listener]:
+    servers: list[Listener] = []
     try:
         for guest in config.guests:
             if not guest.listen:
@@ -242,33 +243,130 @@ async def start_servers(broker: Broker, config: BrokerConfig) -> list[grpc.aio.S
             servers.append(server)
             log.info("TLS listener on %s for %d guests", section.tls_listen, len(names))
         if section.vsock_port:
-            servers.append(await _start_vsock(broker, config))
+            servers.append(await VsockListener.start(broker, config, vsock or VsockTransport()))
     except BaseException:
         await stop_servers(servers)
         raise
     return servers
 
 
-async def _start_vsock(broker: Broker, config: BrokerConfig) -> grpc.aio.Server:
-    cids = {g.vsock_cid: g.id for g in config.guests if g.vsock_cid}
-    address = f"vsock:{_VSOCK_CID_ANY}:{config.broker.vsock_port}"
-    server = grpc.aio.server()
-    pb_grpc.add_BrokerServicer_to_server(GuestServicer(broker, None, cids=cids), server)
-    _add_health(server)
-    try:
-        server.add_insecure_port(address)
-    except RuntimeError as err:
-        # gRPC's core has vsock only where it was built with it
-        # (GRPC_HAVE_VSOCK); the PyPI wheels are not, and say "VSOCK is not
-        # supported" on stderr.
-        raise ListenError(
-            f"cannot listen on {address} (vsock_port): {err}; does this host have vsock "
-            "(vhost_vsock loaded) and this grpcio vsock support?"
-        ) from err
-    await server.start()
-    log.info("vsock listener on port %d for %d guests", config.broker.vsock_port, len(cids))
-    return server
+class VsockListener:
+    """The shared vsock listener (`[broker] vsock_port`).
+
+    A Python AF_VSOCK socket accepts; each connection is piped to the own
+    gRPC listener of the guest whose `vsock_cid` is the peer's CID: a unix
+    socket in a directory only the broker can enter (mkdtemp: mode 0700), so
+    that listener is the guest's identity exactly as a per-guest `listen` is.
+    A connection from any other CID is closed at once, logged and counted.
+    """
+
+    def __init__(self, relay: Relay, servers: Sequence[grpc.aio.Server], directory: Path) -> None:
+        self._relay = relay
+        self._servers = servers
+        self._directory = directory
+
+    @classmethod
+    async def start(
+        cls, broker: Broker, config: BrokerConfig, transport: VsockTransport
+    ) -> VsockListener:
+        port = config.broker.vsock_port
+        try:
+            listener = transport.listen(port)
+        except OSError as err:
+            raise ListenError(
+                f"cannot listen on vsock port {port} (vsock_port): {err}; "
+                "does this host have vsock (vhost_vsock loaded)?"
+            ) from err
+        directory = Path(tempfile.mkdtemp(prefix="vmtide-broker-vsock-"))
+        servers: list[grpc.aio.Server] = []
+        try:
+            routes: dict[int, tuple[str, Path]] = {}
+            for guest in config.guests:
+                if not guest.vsock_cid:
+                    continue
+                # Named by CID, not guest id: short enough for sun_path (108).
+                path = directory / f"{guest.vsock_cid}.sock"
+                server = grpc.aio.server()
+                servicer = GuestServicer(broker, guest.id, how="vsock CID")
+                pb_grpc.add_BrokerServicer_to_server(servicer, server)
+                _add_health(server)
+                try:
+                    server.add_insecure_port(f"unix:{path}")
+                except RuntimeError as err:
+                    raise ListenError(f"guest {guest.id}: cannot listen on {path}: {err}") from err
+                await server.start()
+                servers.append(server)
+                routes[guest.vsock_cid] = (guest.id, path)
+            route = _CidRoute(broker, transport, routes)
+            relay = Relay(f"vsock port {port}", listener, route)
+            relay.start()
+        except BaseException:
+            listener.close()
+            await asyncio.gather(*(s.stop(None) for s in servers))
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        log.info("vsock listener on port %d for %d guests", port, len(routes))
+        return cls(relay, servers, directory)
+
+    async def stop(self, grace: float | None) -> None:
+        # The servers first, so sessions end within their grace rather than
+        # by their connections being cut; then whatever the relay still holds.
+        await asyncio.gather(*(s.stop(grace) for s in self._servers))
+        await self._relay.stop()
+        shutil.rmtree(self._directory, ignore_errors=True)
 
 
-async def stop_servers(servers: list[grpc.aio.Server]) -> None:
+class _CidRoute:
+    """Where a vsock connection goes: its peer CID's guest listener, or nowhere."""
+
+    def __init__(
+        self, broker: Broker, transport: VsockTransport, routes: dict[int, tuple[str, Path]]
+    ) -> None:
+        self.broker = broker
+        self.transport = transport
+        self.routes = routes
+        self._refused: dict[int | None, tuple[float, int]] = {}  # CID: (logged, unlogged)
+
+    async def __call__(self, address: object) -> socket.socket | None:
+        # The host's vhost-vsock drops a VM's packets whose source CID is not
+        # the one QEMU gave it (drivers/vhost/vsock.c): a guest cannot connect
+        # as another's, so the CID accept() reports is the guest's identity.
+        cid = self.transport.peer_cid(address)
+        route = self.routes.get(cid) if cid is not None else None
+        if route is None:
+            self.broker.metrics.failure(UNKNOWN_CID_GUEST, "refused_identity")
+            self._log_refusal(cid, address)
+            return None
+        guest_id, path = route
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, str(path))
+        except OSError as err:
+            sock.close()
+            log.warning("guest %s: cannot reach its vsock session listener: %s", guest_id, err)
+            return None
+        except BaseException:
+            sock.close()
+            raise
+        log.debug("vsock CID %d: relayed to guest %s's listener", cid, guest_id)
+        return sock
+
+    def _log_refusal(self, cid: int | None, address: object) -> None:
+        now = time.monotonic()
+        logged, unlogged = self._refused.get(cid, (-math.inf, 0))
+        if now - logged < _REFUSAL_LOG_SECONDS:
+            self._refused[cid] = (logged, unlogged + 1)
+            return
+        if len(self._refused) > 256:  # bounded however many VMs try
+            self._refused.clear()
+        self._refused[cid] = (now, 0)
+        log.warning(
+            "refused a vsock connection from CID %s: no configured guest has this vsock_cid%s",
+            cid if cid is not None else f"(none in {address!r})",
+            f" ({unlogged} more since last logged)" if unlogged else "",
+        )
+
+
+async def stop_servers(servers: Sequence[Listener]) -> None:
     await asyncio.gather(*(s.stop(STOP_GRACE_SECONDS) for s in servers))

@@ -1,21 +1,19 @@
-"""The broker's gRPC side (the standard health service, sessions bound by vsock
-CID) and what `vmtide-broker status` prints.
+"""The broker's gRPC side (the standard health service, the vsock listener's
+config and start-up) and what `vmtide-broker status` prints.
 
-This machine's kernel has no vsock loopback (no vsock_loopback module: a
-connection to CID 1 times out) and the PyPI grpcio wheel is built without vsock
-(`add_insecure_port("vsock:...")` logs "VSOCK is not supported"), so the vsock
-listener cannot run end to end here. What decides identity is tested instead:
-gRPC's peer string for a vsock connection ("vsock:CID:PORT", as grpc's
-sockaddr_utils formats it) through the real servicer, with a stand-in context.
+Sessions over vsock, bound by the peer's CID through the relays, run end to
+end in tests/test_vsock_relay.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import socket
-from collections.abc import AsyncGenerator, AsyncIterator
+import tempfile
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -24,8 +22,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 from simulation import broker_config, broker_serve, running, until
 
-from agent.kernel import Kernel
-from agent.topology import Topology
 from broker import cli as broker_cli
 from broker.config import (
     BrokerConfig,
@@ -37,11 +33,11 @@ from broker.config import (
 )
 from broker.core import Broker
 from broker.metrics import BrokerMetrics
-from broker.server import GuestServicer, ListenError, start_servers, vsock_peer_cid
+from broker.server import ListenError, start_servers
 from broker.simulated import SimulatedBackend
 from vmtide.config import ConfigError, build
 from vmtide.fakesys import FakeGuest
-from vmtide.v1 import broker_pb2 as pb
+from vmtide.relay import VsockTransport
 
 GiB = 1 << 30
 
@@ -89,23 +85,7 @@ async def test_health_service_says_serving(tmp_path: Path) -> None:
             assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-# ----------------------------------------------------------------- vsock identity
-
-
-@pytest.mark.parametrize(
-    ("peer", "cid"),
-    [
-        ("vsock:3:1024", 3),
-        ("vsock:4294967294:7470", 4294967294),
-        ("unix:/run/vmtide/g.sock", None),
-        ("ipv4:127.0.0.1:7470", None),
-        ("vsock:3", None),
-        ("vsock:x:1", None),
-        ("", None),
-    ],
-)
-def test_vsock_peer_cid(peer: str, cid: int | None) -> None:
-    assert vsock_peer_cid(peer) == cid
+# ----------------------------------------------------------------- vsock listener
 
 
 def test_vsock_config_is_checked(tmp_path: Path) -> None:
@@ -135,28 +115,6 @@ def test_vsock_config_is_checked(tmp_path: Path) -> None:
             load(guests, **broker)
 
 
-class AbortedError(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-
-
-class VsockContext:
-    """What the servicer reads of grpc's context, for a peer that came over vsock."""
-
-    def __init__(self, cid: int) -> None:
-        self._peer = f"vsock:{cid}:1029"
-
-    def peer(self) -> str:
-        return self._peer
-
-    def auth_context(self) -> dict[str, list[bytes]]:
-        return {}
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> NoReturn:
-        raise AbortedError(code, details)
-
-
 def vsock_broker(tmp_path: Path) -> tuple[Broker, dict[str, FakeGuest]]:
     fakes, guests = {}, []
     for name, cid in (("a", 3), ("b", 4)):
@@ -172,76 +130,46 @@ def vsock_broker(tmp_path: Path) -> tuple[Broker, dict[str, FakeGuest]]:
     return broker, fakes
 
 
-async def session(
-    broker: Broker, cid: int, fake: FakeGuest, claims: str
-) -> tuple[pb.BrokerMessage, AsyncGenerator[pb.BrokerMessage]]:
-    servicer = GuestServicer(broker, None, cids={3: "a", 4: "b"})
-    topology = Topology.read(Kernel(fake.sysfs, fake.procfs)).to_proto()
-
-    async def requests() -> AsyncIterator[pb.GuestMessage]:
-        yield pb.GuestMessage(
-            hello=pb.Hello(protocol_version=1, guest_id=claims, topology=topology)
-        )
-        await asyncio.Event().wait()  # the guest says nothing more
-
-    context: Any = VsockContext(cid)
-    replies: Any = servicer.Session(requests(), context)  # an async generator
-    return await anext(replies), replies
-
-
-async def test_a_vsock_session_is_the_guest_of_its_cid(tmp_path: Path) -> None:
-    broker, fakes = vsock_broker(tmp_path)
-
-    welcome, replies = await session(broker, 4, fakes["b"], claims="")
-
-    # No claim at all: the CID alone says who it is.
-    assert welcome.welcome.guest_id == "b"
-    assert broker.guests["b"].connected and not broker.guests["a"].connected
-    await replies.aclose()
-
-
-async def test_a_vsock_session_claiming_another_guest_is_refused(tmp_path: Path) -> None:
-    broker, fakes = vsock_broker(tmp_path)
-
-    with pytest.raises(AbortedError) as caught:
-        await session(broker, 3, fakes["a"], claims="b")
-
-    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "this vsock CID is guest 'a''s, not 'b''s" in str(caught.value)
-    assert not broker.guests["b"].connected
-
-
-async def test_a_vsock_session_from_an_unknown_cid_is_refused(tmp_path: Path) -> None:
-    broker, fakes = vsock_broker(tmp_path)
-
-    with pytest.raises(AbortedError) as caught:
-        await session(broker, 9, fakes["a"], claims="a")
-
-    assert caught.value.code == grpc.StatusCode.PERMISSION_DENIED
-    assert "vsock CID 9 is no configured guest's vsock_cid" in str(caught.value)
-    assert not any(g.connected for g in broker.guests.values())
-
-
-def vsock_listens_here() -> bool:
-    """Whether this kernel can take vsock connections to itself (CID 1)."""
-    try:
-        with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as server:
-            server.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
-            server.listen()
-            with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as client:
-                client.settimeout(1.0)
-                client.connect((1, server.getsockname()[1]))
-    except OSError:
-        return False
-    return True
-
-
-async def test_a_vsock_listener_that_cannot_start_is_a_clear_error(tmp_path: Path) -> None:
-    if vsock_listens_here():
-        pytest.skip("vsock works here: the listener may well start")
+async def test_a_vsock_listener_that_cannot_start_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     broker, _ = vsock_broker(tmp_path)
-    with pytest.raises(ListenError, match=r"cannot listen on vsock:4294967295:7470 \(vsock_port\)"):
-        await start_servers(broker, broker.config)
+
+    def listen(port: int) -> socket.socket:
+        raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE))
+
+    with pytest.raises(
+        ListenError, match=r"cannot listen on vsock port 7470 \(vsock_port\): .*Address already"
+    ):
+        await start_servers(broker, broker.config, VsockTransport(listen=listen))
+    assert not list(tmp_path.glob("vmtide-broker-vsock-*"))  # nothing made yet
+
+
+async def test_the_vsock_guest_listeners_are_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each vsock guest's own listener is a unix socket in a directory only the
+    broker's user can enter: reaching it is being that guest."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    broker, _ = vsock_broker(tmp_path)
+    port = tmp_path / "vsock.sock"
+
+    def listen(number: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(port))
+        sock.listen()
+        return sock
+
+    servers = await start_servers(broker, broker.config, VsockTransport(listen=listen))
+    try:
+        (directory,) = tmp_path.glob("vmtide-broker-vsock-*")
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert sorted(p.name for p in directory.iterdir()) == ["3.sock", "4.sock"]
+    finally:
+        for server in servers:
+            await server.stop(None)
+    assert not directory.exists()  # removed on stop
 
 
 # ----------------------------------------------------------------- status
