@@ -16,7 +16,7 @@ from vmtide.config import ConfigError, build, load_toml
 from vmtide.relay import parse_vsock_target
 
 DEFAULT_PATH = Path("/etc/vmtide/agent.toml")
-# The unit's RuntimeDirectory=vmtide: writable under ProtectSystem=strict.
+# The unit's RuntimeDirectory=vmtide-agent: writable under ProtectSystem=strict.
 DEFAULT_STATE_FILE = Path("/run/vmtide-agent/state.json")
 GiB = 1 << 30
 

@@ -27,7 +27,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Collection, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -272,6 +272,7 @@ class Agent:
         self.cycle_errors = {"expected": 0, "unexpected": 0}
         self._warnings = RepeatedWarnings()
         self._act_lock = asyncio.Lock()
+        self._lock_wanted = 0  # holders and waiters of _act_lock (see _exclusive)
         self._acting: tuple[str, float] | None = None  # what holds the lock, since when
         self._seen_ids: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
         self._request_id = 0
@@ -504,7 +505,7 @@ class Agent:
             target = Amount(
                 min(want.cpus, granted.cpus), min(want.memory_bytes, granted.memory_bytes)
             )
-            if not self._act_lock.locked():
+            if not self._lock_wanted:
                 await self.act("policy", target)
             else:
                 # A reclaim's offlining can hold the lock for its whole
@@ -580,6 +581,19 @@ class Agent:
 
     # ------------------------------------------------------------------ act
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """The act lock, counted from the moment it is wanted: the sensing
+        loop skips acting while anyone holds or awaits it. (`locked()` alone
+        is False in the gap between one holder's release and the next
+        waiter's wake-up, and acquiring then would queue behind a reclaim.)"""
+        self._lock_wanted += 1
+        try:
+            async with self._act_lock:
+                yield
+        finally:
+            self._lock_wanted -= 1
+
     async def act(
         self,
         why: str,
@@ -589,7 +603,7 @@ class Agent:
         """Online standby resources up to `target` (never offlines); `only`
         restricts it to these CPUs and blocks. Returns the items and a note
         on why it stopped short, if it did."""
-        async with self._act_lock:
+        async with self._exclusive():
             self._acting = (why, time.monotonic())
             try:
                 results, note = await asyncio.to_thread(self._online_up_to, target, only)
@@ -619,7 +633,7 @@ class Agent:
             notes.append(f"the guest's minimum is {floor.cpus} CPUs")
         if target.memory_bytes < floor.memory_bytes:
             notes.append(f"the guest's minimum is {_fmt('memory', floor.memory_bytes)}")
-        async with self._act_lock:
+        async with self._exclusive():
             self._acting = ("reclaim", time.monotonic())
             try:
                 results, note = await asyncio.to_thread(
@@ -724,7 +738,7 @@ class Agent:
 
     async def reconcile(self, why: str) -> None:
         """Rescan sysfs: uevents get lost, and hot-plug may finish after a grant."""
-        async with self._act_lock:
+        async with self._exclusive():
             self._set_topology(await asyncio.to_thread(self.actuator.topology))
         await self.ensure_minimum(why)
         granted = self.entitlement

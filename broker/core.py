@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -57,7 +58,9 @@ PLUG_BACKOFF_SECONDS = 15.0
 _PLUGGED_TIMEOUT_SECONDS = 5.0
 # Listed memory blocks may exceed plugged bytes by partial blocks (RAM
 # regions and devices that do not end on a block boundary): this many.
-_PLUGGED_SLACK_BLOCKS = 4
+_PLUGGED_SLACK_BLOCKS = 2
+# An Ack reporting a vanished CPU or block prompts a hypervisor query, at most this often.
+_VANISHED_CHECK_SECONDS = 1.0
 # A guest names the request's urgency; an unknown value is logged as a number.
 _URGENCIES = {value: name for name, value in pb.Urgency.items()}
 # A request's reason is the guest's words: only this much of it reaches the log.
@@ -70,6 +73,8 @@ class PendingReclaim:
     target: Amount
     releasing: Amount
     deadline: float
+    # Its Ack came and the unplugs are under way: not expired meanwhile.
+    acknowledged: bool = False
 
 
 @dataclass
@@ -90,6 +95,10 @@ class GuestRecord:
     last_request_at: float = 0.0
     last_grant_id: int = 0  # the latest Grant sent in this session
     reclaim_backoff_until: float = 0.0
+    # What the hypervisor said it has plugged when the latest Hello was
+    # checked: the session's books start from it, not from the guest's word.
+    hello_state: PlugState | None = None
+    vanished_checked_at: float = -math.inf  # the last hypervisor query for a NOT_FOUND
     # After a failed hot-plug of a resource ("cpus", "memory"), not again before
     # this: a guest out of vCPU slots still gets memory, and the reverse.
     plug_backoff_until: dict[str, float] = field(default_factory=dict)
@@ -127,7 +136,9 @@ class GuestRecord:
     def changeable(self) -> bool:
         """Whether the guest can be granted or reclaimed anything: it has a
         session, and its hypervisor answers (to plug and unplug)."""
-        return self.connected and self.backend.available
+        # backend_error is cleared only once what is plugged has been re-read
+        # after a reconnection: until then the books may describe the old QEMU.
+        return self.connected and self.backend.available and not self.backend_error
 
     @property
     def held(self) -> Amount:
@@ -220,6 +231,7 @@ class Broker:
         others need. What the hypervisor says bounds it; when the hypervisor
         cannot answer, the Hello is believed (and the failure logged).
         """
+        self.guests[guest_id].hello_state = None
         try:
             state = await asyncio.wait_for(
                 self.guests[guest_id].backend.state(), _PLUGGED_TIMEOUT_SECONDS
@@ -229,6 +241,7 @@ class Broker:
                 "guest %s: cannot check its hello against the hypervisor: %s", guest_id, err
             )
             return None
+        self.guests[guest_id].hello_state = state
         present = len(hello.topology.cpus.present)
         if present > len(state.cpus):
             return (
@@ -237,7 +250,8 @@ class Broker:
             )
         memory = hello.topology.memory
         listed = len(memory.blocks) * memory.block_size_bytes
-        ceiling = state.max_memory_bytes + _PLUGGED_SLACK_BLOCKS * memory.block_size_bytes
+        block = memory.block_size_bytes
+        ceiling = -(-state.max_memory_bytes // block) * block + _PLUGGED_SLACK_BLOCKS * block
         if listed > ceiling:
             return (
                 f"topology: {listed >> 20} MiB of memory blocks listed, but this guest "
@@ -302,9 +316,16 @@ class Broker:
         if memory.block_size_bytes:
             guest.block_size = memory.block_size_bytes
         online_blocks = sum(b.state == pb.BLOCK_STATE_ONLINE for b in memory.blocks)
-        guest.present_cpus = frozenset(topology.cpus.present)
-        guest.present_memory = len(memory.blocks) * guest.block_size
         guest.online = Amount(len(topology.cpus.online), online_blocks * guest.block_size)
+        state, guest.hello_state = guest.hello_state, None
+        if state is not None:
+            # Plugged is the hypervisor's word: a guest listing fewer CPUs or
+            # blocks than QEMU holds for it must not have them handed out
+            # twice. Online is the guest's, bounded by what is plugged.
+            self._count_plugged(guest, state)
+        else:
+            guest.present_cpus = frozenset(topology.cpus.present)
+            guest.present_memory = len(memory.blocks) * guest.block_size
 
     # --------------------------------------------------------------- messages
 
@@ -430,6 +451,11 @@ class Broker:
                 self.state_changed()
             return
         pending = guest.pending.get(ack.reclaim_id)
+        if pending is not None and pending.acknowledged:
+            log.info(
+                "guest %s: reclaim %d acknowledged twice; once is enough", guest.id, ack.reclaim_id
+            )
+            return
         if pending is None:
             log.warning("guest %s: ack for unknown reclaim %d ignored", guest.id, ack.reclaim_id)
             self.metrics.failure(guest.id, "unknown_ack")
@@ -455,16 +481,20 @@ class Broker:
                 offline_cpus.append(item.index)
             elif item.kind == pb.RESOURCE_KIND_MEMORY_BLOCK and item.index not in offline_blocks:
                 offline_blocks.append(item.index)
-        timeout = max(1.0, pending.deadline - self._clock())
+        pending.acknowledged = True
         backend = guest.backend
+
+        def left() -> float:  # the two unplugs share what is left of the deadline
+            return max(1.0, pending.deadline - self._clock())
+
         removed_cpus = (
-            await self._unplug(guest, lambda: backend.unplug_cpus(offline_cpus, timeout))
+            await self._unplug(guest, lambda: backend.unplug_cpus(offline_cpus, left()))
             if offline_cpus
             else []
         )
         removed_blocks = (
             await self._unplug(
-                guest, lambda: backend.unplug_memory(offline_blocks, guest.block_size, timeout)
+                guest, lambda: backend.unplug_memory(offline_blocks, guest.block_size, left())
             )
             if offline_blocks
             else []
@@ -473,7 +503,8 @@ class Broker:
         guest.present_memory -= len(removed_blocks) * guest.block_size
         # What went is not online any more, whatever the Ack said.
         guest.online = self._believe(guest, "ack", ack.online_cpus, ack.online_memory_bytes)
-        del guest.pending[ack.reclaim_id]
+        # A new session may have cleared it while the unplugs ran.
+        guest.pending.pop(ack.reclaim_id, None)
         # A guest that gave back more than asked (a block vanished under it,
         # and it offlined one more) holds no more than is plugged: an
         # entitlement above that would keep counting capacity nobody has.
@@ -520,7 +551,12 @@ class Broker:
 
     async def _forget_vanished(self, guest: GuestRecord) -> None:
         """A CPU or block vanished under the agent: drop from the books what the
-        hypervisor no longer has plugged (the guest's word alone lowers nothing)."""
+        hypervisor no longer has plugged (the guest's word alone lowers nothing).
+        At most once a second per guest: Acks cost a guest nothing to send."""
+        now = self._clock()
+        if now - guest.vanished_checked_at < _VANISHED_CHECK_SECONDS:
+            return
+        guest.vanished_checked_at = now
         try:
             state = await guest.backend.state()
         except BackendError as err:
@@ -585,7 +621,7 @@ class Broker:
                 state = await guest.backend.state()
             except BackendError as err:
                 log.warning("guest %s: cannot read what is plugged: %s", guest_id, err)
-                return
+                raise  # the supervisor counts the channel as down and retries
             self._count_plugged(guest, state)
             guest.backend_error = ""
             guest.plug_backoff_until.clear()
@@ -682,7 +718,7 @@ class Broker:
         now = self._clock()
         for guest in self.guests.values():
             for reclaim_id, pending in list(guest.pending.items()):
-                if now > pending.deadline + _ACK_GRACE_SECONDS:
+                if now > pending.deadline + _ACK_GRACE_SECONDS and not pending.acknowledged:
                     # No Ack: the guest is stuck or gone. Its capacity stays
                     # counted (held via online) until a Hello or Ack says otherwise.
                     log.warning("guest %s: reclaim %d got no answer", guest.id, reclaim_id)
@@ -703,7 +739,7 @@ class Broker:
             try:
                 new_cpus = await guest.backend.plug_cpus(missing_cpus)
             except BackendError as err:
-                self._plug_failed(guest, "cpus", err)
+                await self._plug_failed(guest, "cpus", err)
             else:
                 guest.present_cpus = guest.present_cpus | set(new_cpus)
                 self.metrics.hotplugged(guest.id, "cpus", time.monotonic() - started)
@@ -719,7 +755,7 @@ class Broker:
                     guest.present_memory += added
                     missing_memory -= added
             except BackendError as err:
-                self._plug_failed(guest, "memory", err)
+                await self._plug_failed(guest, "memory", err)
             else:
                 self.metrics.hotplugged(guest.id, "memory", time.monotonic() - started)
         granted = Amount(
@@ -747,7 +783,7 @@ class Broker:
     def _may_plug(self, guest: GuestRecord, resource: str) -> bool:
         return self._clock() >= guest.plug_backoff_until.get(resource, 0.0)
 
-    def _plug_failed(self, guest: GuestRecord, resource: str, err: BackendError) -> None:
+    async def _plug_failed(self, guest: GuestRecord, resource: str, err: BackendError) -> None:
         log.error(
             "guest %s: hot-plug of %s failed (not tried again for %.0f s): %s",
             guest.id,
@@ -757,6 +793,12 @@ class Broker:
         )
         self.metrics.failure(guest.id, "plug_failed")
         guest.plug_backoff_until[resource] = self._clock() + PLUG_BACKOFF_SECONDS
+        # A plug can fail half-way (the second device_add refused): what QEMU
+        # did plug must be in the books, or it would be handed out twice.
+        try:
+            self._count_plugged(guest, await guest.backend.state())
+        except BackendError as read_err:
+            log.warning("guest %s: cannot read what is plugged: %s", guest.id, read_err)
 
     def _grant_message(
         self, guest: GuestRecord, amount: Amount, cpu_ids: Sequence[int], request_id: int

@@ -42,6 +42,8 @@ STOP_GRACE_SECONDS = 2.0
 # Largest believable topology; anything bigger is a confused or hostile guest.
 _MAX_CPUS = 8192
 _MAX_BLOCKS = 1 << 20
+_MIN_BLOCK_BYTES = 1 << 20  # arm64 and tests use small sections
+_MAX_BLOCK_BYTES = 2 << 30
 # The guest label of a vsock connection from a CID no guest has: one series,
 # whatever the CID (the log names it).
 UNKNOWN_CID_GUEST = ""
@@ -67,6 +69,13 @@ def check_hello(hello: pb.Hello) -> str | None:
     size = memory.block_size_bytes
     if size <= 0 or size & (size - 1):
         return f"topology: block size {size} is not a power of two"
+    # Linux's memory blocks are 128 MiB to 2 GiB on x86-64 (sections of 128
+    # MiB, larger on big guests); an absurd size would make every count absurd.
+    if not _MIN_BLOCK_BYTES <= size <= _MAX_BLOCK_BYTES:
+        return (
+            f"topology: block size {size} is outside {_MIN_BLOCK_BYTES >> 20} MiB"
+            f" to {_MAX_BLOCK_BYTES >> 20} MiB"
+        )
     if len({b.index for b in memory.blocks}) != len(memory.blocks):
         return "topology: duplicate memory block index"
     return None

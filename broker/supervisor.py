@@ -139,11 +139,18 @@ class SupervisedBackend:
                 break
             if await self.connect():
                 log.info("guest %s: hypervisor reachable again on %s", self._guest, self._where)
-                delay = self._min_delay
                 try:
                     await on_up()
+                except BackendError as err:
+                    # What is plugged could not be read: the books cannot be
+                    # trusted, so the channel counts as down and is retried.
+                    self._mark_down(f"reading what is plugged: {err}")
+                    await self._inner.close()
+                    delay = min(delay * 2, self._max_delay)
                 except Exception:  # a bug there must not end the reconnecting
                     log.exception("guest %s: after reconnecting", self._guest)
+                else:
+                    delay = self._min_delay
             else:
                 delay = min(delay * 2, self._max_delay)
 

@@ -242,6 +242,9 @@ async def test_a_guest_whose_hypervisor_is_away_is_not_grown_until_it_is_back(
     # books take the hypervisor's word before anything is plugged.
     setup.fake.plug_cpu(1)
     backend.up = True
+    # Reachable, but what is plugged not yet re-read: still hands off.
+    await broker.rebalance()
+    assert sent(outbox, "grant") == [] and setup.fake.present_cpus() == {0, 1}
     await broker.backend_up("g")
     assert record.present_cpus == {0, 1}
     await broker.rebalance()
@@ -415,3 +418,94 @@ async def test_no_balloon_without_balloon_fallback(tmp_path: Path) -> None:
     await broker.on_message(record, pb.GuestMessage(ack=ack))
     await broker.rebalance()
     assert backend.balloon_requests == []
+
+
+# ----------------------------------------------------- the books against lies and races
+
+
+class OneThenRefuses(SimulatedBackend):
+    """Plugs one vCPU of those asked, then QEMU refuses the next device_add."""
+
+    async def plug_cpus(self, count: int) -> list[int]:
+        await super().plug_cpus(1)
+        raise BackendError(self.name, "device_add (vCPU)", "the second slot is refused")
+
+
+async def test_a_half_done_vcpu_plug_is_counted(tmp_path: Path) -> None:
+    setup = make_with(tmp_path, OneThenRefuses)
+    broker, fake = setup.broker, setup.fake
+    record, outbox = broker.open_session("g", hello(fake))
+    sent(outbox, "grant")  # the session's opening grant
+    await broker.on_message(record, ask(record, 1, 3, GiB))
+    await broker.rebalance()
+    # QEMU plugged one before it refused: the books have it, and it is granted.
+    assert fake.present_cpus() == {0, 1} == record.present_cpus
+    (grant,) = [m.grant for m in sent(outbox, "grant")]
+    assert grant.cpus == 2
+    assert broker.allocated().cpus == 2
+
+
+async def test_a_hello_that_hides_plugged_cpus_does_not_free_them(tmp_path: Path) -> None:
+    setup = make_with(tmp_path, SimulatedBackend)
+    broker, fake = setup.broker, setup.fake
+    fake.plug_cpu(1)
+    fake.plug_cpu(2)
+    lie = hello(fake)
+    del lie.topology.cpus.present[1:]  # "only cpu0 is plugged here"
+    del lie.topology.cpus.online[1:]
+    assert await broker.check_plugged("g", lie) is None
+    record, _ = broker.open_session("g", lie)
+    # Plugged is QEMU's word: three CPUs stay counted as this guest's.
+    assert record.present_cpus == {0, 1, 2}
+    assert broker.allocated().cpus == 3
+
+
+def test_a_hello_with_an_absurd_block_size_is_refused() -> None:
+    from broker.server import check_hello
+
+    hello_ = pb.Hello(protocol_version=1)
+    hello_.topology.cpus.possible.append(0)
+    hello_.topology.memory.block_size_bytes = 1 << 40
+    problem = check_hello(hello_)
+    assert problem is not None and "block size" in problem
+
+
+class SlowUnplug(SimulatedBackend):
+    """Unplugs CPUs only once `go` is set."""
+
+    go: asyncio.Event
+
+    async def unplug_cpus(self, cpu_ids: Sequence[int], timeout: float) -> list[int]:
+        await self.go.wait()
+        return await super().unplug_cpus(cpu_ids, timeout)
+
+
+async def test_an_ack_whose_reclaim_ends_while_it_is_unplugged(tmp_path: Path) -> None:
+    setup = make_with(tmp_path, SlowUnplug)
+    broker, fake, backend = setup.broker, setup.fake, setup.backend
+    assert isinstance(backend, SlowUnplug)
+    backend.go = asyncio.Event()
+    record, outbox = broker.open_session("g", hello(fake))
+    await broker.on_message(record, ask(record, 1, 2, GiB))
+    await broker.rebalance()
+    sent(outbox, "grant")
+    await broker.on_message(record, ask(record, 2, 1, GiB))
+    await broker.rebalance()
+    (reclaim,) = [m.reclaim for m in sent(outbox, "reclaim")]
+    done = pb.ItemResult(
+        kind=pb.RESOURCE_KIND_CPU, index=1, action=pb.ACTION_OFFLINE, outcome=pb.OUTCOME_DONE
+    )
+    ack = pb.Ack(reclaim_id=reclaim.reclaim_id, online_cpus=1, online_memory_bytes=GiB)
+    ack.items.append(done)
+    acking = asyncio.create_task(broker.on_message(record, pb.GuestMessage(ack=ack)))
+    await asyncio.sleep(0)
+    # Meanwhile the same Ack again, and the reclaim's deadline long past.
+    await broker.on_message(record, pb.GuestMessage(ack=ack))
+    broker._clock = lambda: 1e12  # type: ignore[method-assign]
+    await broker.rebalance()
+    assert setup.failures("reclaim_timeout") == 0  # acknowledged: not expired
+    # And the guest reconnects before the unplug ends: its pending work is gone.
+    broker.open_session("g", hello(fake))
+    backend.go.set()
+    await acking  # no KeyError
+    assert fake.present_cpus() == {0} and record.present_cpus == {0}

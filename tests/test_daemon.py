@@ -610,3 +610,44 @@ def test_a_noisy_grow_the_outstanding_request_covers_is_not_resent(guest: FakeGu
     agent._last_request = (cpus, memory, at - agent.config.broker.request_retry_seconds)
     want(3)
     assert asked()[-1] == (3, 1 * GiB)
+
+
+async def test_sensing_does_not_queue_behind_a_reclaim_waiting_for_the_lock(
+    guest: FakeGuest,
+) -> None:
+    from agent.daemon import Amount
+
+    agent, _ = build(guest)
+    agent.entitlement = Amount(2, 1 * GiB)
+    grow = policy.Decisions(
+        policy.Decision(2, 1, "need 2", policy.Urgency.HIGH, False),
+        policy.Decision(1 * GiB, 1 * GiB, "hold", policy.Urgency.LOW, False),
+    )
+    acted: list[str] = []
+
+    async def act(why: str, target: Any, only: Any = None) -> Any:
+        acted.append(why)
+        return [], ""
+
+    agent.act = act  # type: ignore[method-assign]
+    holding = asyncio.Event()
+    seen: dict[str, object] = {}
+
+    async def rescan() -> None:
+        async with agent._exclusive():
+            holding.set()
+            await asyncio.sleep(0.05)
+        # Released, and the reclaim below not yet woken: the lock looks free.
+        seen["locked"] = agent._act_lock.locked()
+        await agent.pursue(grow)
+
+    async def reclaim() -> None:
+        async with agent._exclusive():
+            await asyncio.sleep(0.05)
+
+    first = asyncio.create_task(rescan())
+    await holding.wait()
+    second = asyncio.create_task(reclaim())
+    await asyncio.gather(first, second)
+    assert seen["locked"] is False
+    assert acted == []  # it would have queued behind the reclaim
