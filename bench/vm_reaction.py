@@ -202,6 +202,8 @@ async def measure(case: Case, runs: int, interval: float, workdir: Path) -> list
                         setup.vm.explain(
                             f"{case.name}: {len(results)} of {runs} runs; agent log:\n"
                             + _tail(setup.vm.share / "agent.log")
+                            + "\n--- broker log\n"
+                            + "\n".join(made.log[-30:])
                         )
                     )
                 await asyncio.sleep(0.2)

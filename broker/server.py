@@ -184,6 +184,10 @@ class GuestServicer(pb_grpc.BrokerServicer):
                     log.warning("guest %s: refused a message: %s", guest_id, err)
         except (grpc.aio.AioRpcError, asyncio.CancelledError):
             pass
+        except grpc.aio.BaseError as err:
+            # The server stopping under an open stream (a broker shutdown):
+            # expected, one line.
+            log.info("guest %s: session ended: %s", guest_id, err)
         except Exception:
             log.exception("guest %s: session reader failed", guest_id)
         finally:

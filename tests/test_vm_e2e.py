@@ -15,11 +15,15 @@ from pathlib import Path
 import pytest
 from vm.harness import VMOptions, VMs
 from vm.rig import (
+    AGENT_CONFIG,
     AGENT_CONNECT_TIMEOUT_SECONDS,
     GROW_TIMEOUT_SECONDS,
     SHRINK_TIMEOUT_SECONDS,
     GiB,
+    ListHandler,
     MiB,
+    Rig,
+    Setup,
     booted,
     plugged_vcpus,
     rig,
@@ -121,6 +125,80 @@ async def test_memory_follows_pressure_in_a_real_guest(
         final = setup.state()["online"]["memory_bytes"]
         assert final >= 1 * GiB  # never below the minimum
         assert setup.mem_total() <= boot_total + (final - 1 * GiB) + 64 * MiB
+
+
+def shared(setup: Setup, name: str) -> str:
+    """A file the guest writes in its share, or "" before it exists."""
+    path = setup.vm.share / name
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+async def test_a_block_the_kernel_will_not_offline_is_reported_not_lost(
+    vms: VMs, tmp_path: Path
+) -> None:
+    # Pages the kernel cannot migrate (held by pipes, tests/vm/pin_pages.py)
+    # keep a hot-added block from going offline: the kernel retries until the
+    # agent's deadline interrupts it. The block must be reported, stay in the
+    # books, and go back once the pages are free.
+    pool = PoolConfig(cpus=4, memory_bytes=8 * GiB)
+    config = AGENT_CONFIG + "[memory]\noffline_timeout_seconds = 3.0\n"
+    made = Rig(tmp_path, pool)
+    with ListHandler(made.log):
+        setup = await made.add(vms, "vm1", VMOptions(virtio_mem="2G"), agent_config=config)
+        made.start_broker()
+        try:
+            await made.connected()
+            boot_total, boot_blocks = setup.mem_total(), setup.blocks()
+            setup.load(memory_mib=800)
+            await setup.until(
+                lambda: setup.mem_total() >= boot_total + 256 * MiB,
+                GROW_TIMEOUT_SECONDS,
+                "MemTotal to grow",
+            )
+            # Movable allocations come from ZONE_MOVABLE first: the hot-added blocks.
+            setup.load(pinned_mib=96)
+            await setup.until(
+                lambda: "pinned 96 MiB" in shared(setup, "pin.log"),
+                60,
+                "96 MiB pinned",
+            )
+            setup.load(memory_mib=0)
+
+            def refused() -> list[str]:
+                log = shared(setup, "agent.log")
+                return [
+                    line
+                    for line in log.splitlines()
+                    if "offline memory" in line and ("timed_out" in line or "refused" in line)
+                ]
+
+            await setup.until(lambda: bool(refused()), SHRINK_TIMEOUT_SECONDS, "a refusal")
+            # What went offline was unplugged; what did not stays, counted.
+            await setup.until(
+                lambda: (
+                    not setup.state()["pending_reclaims"]
+                    and setup.state()["online"]["memory_bytes"] == setup.online_blocks() * 128 * MiB
+                ),
+                60,
+                "the broker's books to match the guest's online blocks",
+            )
+            held = setup.online_blocks()
+            assert held > boot_blocks, "the pinned block went offline: nothing was refused"
+            # Still counted: the pool holds every block the guest kept.
+            assert setup.pool()["allocated"]["memory_bytes"] >= held * 128 * MiB
+            # The pages are freed: the next reclaim takes the rest back.
+            setup.load(pinned_mib=0)
+            await setup.until(
+                lambda: (
+                    setup.online_blocks() == boot_blocks
+                    and setup.state()["online"]["memory_bytes"] == boot_blocks * 128 * MiB
+                ),
+                SHRINK_TIMEOUT_SECONDS + 60,
+                "the refused blocks to be given back once free",
+            )
+        finally:
+            (setup.vm.share / "stop").touch()
+            await made.stop_broker()
 
 
 async def test_broker_restart_and_agent_sigkill_reconverge(vms: VMs, tmp_path: Path) -> None:

@@ -3,7 +3,8 @@ this process driving QEMU over QMP. Shared by the end-to-end tests and the demo.
 
 The guest script starts the agent, then follows load instructions written into
 the shared directory (`cpu-load`: busy loops; `mem-load`: MiB held by a
-process; `stress`: stress-ng's arguments) and publishes what its kernel shows
+process; `pin-load`: MiB held unmovable, tests/vm/pin_pages.py; `stress`:
+stress-ng's arguments) and publishes what its kernel shows
 and whether the agent is alive (`status`) every second.
 """
 
@@ -33,6 +34,7 @@ from vm.harness import BOOT_TIMEOUT_SECONDS, VENV_BIN, VM, VMOptions, VMs
 
 MiB = 1 << 20
 GiB = 1 << 30
+PIN_PAGES = Path(__file__).resolve().parent / "pin_pages.py"
 # The agent imports in about 12 s under TCG and connects at once.
 AGENT_CONNECT_TIMEOUT_SECONDS = 120.0
 # Sensing every 0.5 s, growth within two periods, plus hot-plug and ACPI.
@@ -56,6 +58,8 @@ mem_worker=""
 mem_now=0
 stress_worker=""
 stress_now=""
+pin_worker=""
+pin_now=0
 while [ ! -e $S/stop ]; do
     if [ -e $S/kill-agent ]; then
         rm $S/kill-agent
@@ -106,6 +110,16 @@ time.sleep(1e6)" &
             stress_worker=$!
         fi
         stress_now=$stress
+    fi
+    pin=0; [ -e $S/pin-load ] && {{ read pin < $S/pin-load || true; }}
+    if [ "$pin" != "$pin_now" ]; then
+        [ -n "$pin_worker" ] && {{ kill "$pin_worker" || true; }}
+        pin_worker=""
+        if [ "$pin" -gt 0 ]; then
+            {venv}/python {pin_pages} "$pin" > $S/pin.log 2>&1 &
+            pin_worker=$!
+        fi
+        pin_now=$pin
     fi
     alive=0; kill -0 $agent 2>/dev/null && alive=1
     read cpus < /sys/devices/system/cpu/online
@@ -218,16 +232,29 @@ class Setup:
         """The agent the guest script started last is still running."""
         return self._status()[4:5] == ["1"]
 
-    def load(self, cpus: int | None = None, memory_mib: int | None = None) -> None:
-        for name, value in (("cpu-load", cpus), ("mem-load", memory_mib)):
+    def load(
+        self,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
+        pinned_mib: int | None = None,
+    ) -> None:
+        for name, value in (("cpu-load", cpus), ("mem-load", memory_mib), ("pin-load", pinned_mib)):
             if value is not None:
                 tmp = self.vm.share / f".{name}"
                 tmp.write_text(f"{value}\n")
                 tmp.rename(self.vm.share / name)
 
+    @staticmethod
+    def _holds(condition: Callable[[], bool]) -> bool:
+        # Before the broker's first state file, state() is {}: not yet, not an error.
+        try:
+            return condition()
+        except KeyError:
+            return False
+
     async def until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
         deadline = time.monotonic() + timeout
-        while not condition():
+        while not self._holds(condition):
             if time.monotonic() > deadline:
                 agent_log = (
                     (self.vm.share / "agent.log").read_text()[-4000:]
@@ -292,13 +319,14 @@ class Rig:
         script: str = GUEST_SCRIPT,
         agent_config: str = AGENT_CONFIG,
     ) -> Setup:
-        """Boot a guest running `script` (formatted with `venv`) with the agent's
-        config at `$VMTIDE_SHARE/agent.toml` (formatted with `port` and `name`)."""
+        """Boot a guest running `script` (formatted with `venv` and `pin_pages`)
+        with the agent's config at `$VMTIDE_SHARE/agent.toml` (formatted with
+        `port` and `name`)."""
         port = free_port()
         vm = vms.new(options)
         vm.share.mkdir(parents=True, exist_ok=True)
         (vm.share / "agent.toml").write_text(agent_config.format(port=port, name=name))
-        await vm.start(script.format(venv=VENV_BIN))
+        await vm.start(script.format(venv=VENV_BIN, pin_pages=PIN_PAGES))
         self.configs.append(
             GuestConfig(
                 id=name,
