@@ -501,7 +501,7 @@ async def test_an_ack_whose_reclaim_ends_while_it_is_unplugged(tmp_path: Path) -
     await asyncio.sleep(0)
     # Meanwhile the same Ack again, and the reclaim's deadline long past.
     await broker.on_message(record, pb.GuestMessage(ack=ack))
-    broker._clock = lambda: 1e12  # type: ignore[method-assign]
+    broker._clock = lambda: 1e12
     await broker.rebalance()
     assert setup.failures("reclaim_timeout") == 0  # acknowledged: not expired
     # And the guest reconnects before the unplug ends: its pending work is gone.
