@@ -11,7 +11,7 @@ units: one CPU, or one memory block of `block_size` bytes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 _MIB = 1 << 20
@@ -103,33 +103,81 @@ def arbitrate(pool: Pool, guests: Sequence[GuestView], block_size: int) -> Plan:
     cpus = _divide(pool.capacity.cpus, _claims(ordered, _cpus, 1))
     memory = _divide(_down(pool.capacity.memory, block_size), _claims(ordered, _memory, block_size))
 
+    return _plan((g, _settle(g, cpus[g.guest_id], memory[g.guest_id], block_size)) for g in ordered)
+
+
+def footprint(guest: GuestView, block_size: int) -> Amount:
+    """What `guest` takes from the pool once every guest has its own ideal.
+
+    Whole CPUs and whole memory blocks (in bytes): a connected guest's ideal
+    alone (rules 2-5 with nobody else asking) or what it holds, whichever is
+    more, plus what it is releasing; a disconnected guest's holdings, at least
+    its minimum. When the footprints of all guests fit the pool
+    (`uncontended`), every tier of `arbitrate` is served in full and every rise
+    fits in free capacity: no guest's plan depends on another's, and
+    `plan_alone` gives each guest's part of the plan.
+    """
+    return Amount(
+        _footprint(_claim(guest, _cpus, 1)),
+        _footprint(_claim(guest, _memory, block_size)) * block_size,
+    )
+
+
+def uncontended(pool: Pool, total: Amount, block_size: int) -> bool:
+    """Whether `total`, the sum of every guest's `footprint`, fits `pool`."""
+    return total.cpus <= pool.capacity.cpus and total.memory <= (
+        _down(pool.capacity.memory, block_size) * block_size
+    )
+
+
+def plan_alone(guest: GuestView, block_size: int) -> Plan:
+    """`guest`'s part of `arbitrate(pool, guests, block_size)` while the pool is
+    `uncontended` (the footprints of all `guests` fit it), in O(1).
+
+    Raises ValueError as `arbitrate` does for this guest.
+    """
+    _validate_block_size(block_size)
+    _validate_guest(guest)
+    cpus = _alone(_claim(guest, _cpus, 1))
+    memory = _alone(_claim(guest, _memory, block_size))
+    return _plan([(guest, _settle(guest, cpus, memory, block_size))])
+
+
+def _settle(
+    guest: GuestView, cpus: _Outcome, memory: _Outcome, block_size: int
+) -> tuple[Amount, str]:
+    """One guest's target from its two outcomes, and why ("": nothing to say)."""
+    target = Amount(_exact(cpus, guest, _cpus, 1), _exact(memory, guest, _memory, block_size))
+    clauses = [
+        clause
+        for clause in (
+            _explain("cpus", cpus, str),
+            _explain("memory", memory, lambda n: _bytes(n * block_size)),
+        )
+        if clause
+    ]
+    if clauses:
+        return target, "; ".join(clauses)
+    if target != guest.held:
+        # Same whole blocks, but a held figure below the minimum is rounded up.
+        return target, "memory rounded up to the whole blocks that cover its minimum"
+    return target, ""
+
+
+def _plan(settled: Iterable[tuple[GuestView, tuple[Amount, str]]]) -> Plan:
     targets: dict[str, Amount] = {}
     grants: dict[str, Amount] = {}
     reclaims: dict[str, Amount] = {}
     reasons: dict[str, str] = {}
-    for guest in ordered:
+    for guest, (target, reason) in settled:
         gid = guest.guest_id
-        target = Amount(
-            _exact(cpus[gid], guest, _cpus, 1), _exact(memory[gid], guest, _memory, block_size)
-        )
         targets[gid] = target
         if not target.fits(guest.held):
             grants[gid] = target
         if not guest.held.fits(target):
             reclaims[gid] = target
-        clauses = [
-            clause
-            for clause in (
-                _explain("cpus", cpus[gid], str),
-                _explain("memory", memory[gid], lambda n: _bytes(n * block_size)),
-            )
-            if clause
-        ]
-        if clauses:
-            reasons[gid] = "; ".join(clauses)
-        elif target != guest.held:
-            # Same whole blocks, but a held figure below the minimum is rounded up.
-            reasons[gid] = "memory rounded up to the whole blocks that cover its minimum"
+        if reason:
+            reasons[gid] = reason
     return Plan(targets=targets, grants=grants, reclaims=reclaims, reasons=reasons)
 
 
@@ -230,6 +278,28 @@ def _divide(capacity: int, claims: Sequence[_Claim]) -> dict[str, _Outcome]:
     return outcomes
 
 
+def _alone(c: _Claim) -> _Outcome:
+    """`_divide`'s outcome for `c` when every guest's footprint fits the pool:
+    the minimum is reserved, every tier is served in full (the ideal is the
+    guest's own), and every rise fits in free capacity (the target is the ideal,
+    which never lies below the minimum, so no reclaim is clamped)."""
+    if not c.connected:
+        # `pool` only words a minimum that is not covered, which cannot happen here.
+        return _Outcome(
+            c, reserved=c.minimum, normal=c.minimum, ideal=c.held, target=c.held, pool=0
+        )
+    normal = min(max(c.want, c.minimum), c.maximum)
+    ideal = max(normal, min(c.want, c.burst), min(c.held, c.maximum))
+    return _Outcome(c, reserved=c.minimum, normal=normal, ideal=ideal, target=ideal, pool=0)
+
+
+def _footprint(c: _Claim) -> int:
+    """Units `c` occupies once at its own ideal (see `footprint`)."""
+    if not c.connected:
+        return max(c.held, c.minimum) + c.releasing
+    return max(c.held, _alone(c).ideal) + c.releasing
+
+
 def _raise(
     level: dict[str, int], amount: int, claims: Sequence[_Claim], cap: Callable[[_Claim], int]
 ) -> int:
@@ -309,30 +379,29 @@ def _down(value: int, unit: int) -> int:
 
 
 def _claims(guests: Sequence[GuestView], field: Callable[[Amount], int], unit: int) -> list[_Claim]:
-    """Whole-unit claims for one resource.
+    return [_claim(g, field, unit) for g in guests]
+
+
+def _claim(g: GuestView, field: Callable[[Amount], int], unit: int) -> _Claim:
+    """One guest's whole-unit claim for one resource.
 
     Rounding never lets a guest fall below its minimum nor the pool be
     overcommitted: minimum, demand, held and releasing round up; maximum, burst
     and capacity round down (but never below the rounded minimum).
     """
-    claims = []
-    for g in guests:
-        minimum = _up(field(g.limits.minimum), unit)
-        maximum = max(_down(field(g.limits.maximum), unit), minimum)
-        claims.append(
-            _Claim(
-                guest_id=g.guest_id,
-                priority=g.limits.priority,
-                connected=g.connected,
-                minimum=minimum,
-                maximum=maximum,
-                burst=max(_down(field(g.limits.burst), unit), maximum),
-                held=_up(field(g.held), unit),
-                want=_up(field(g.demand), unit),
-                releasing=_up(field(g.releasing), unit),
-            )
-        )
-    return claims
+    minimum = _up(field(g.limits.minimum), unit)
+    maximum = max(_down(field(g.limits.maximum), unit), minimum)
+    return _Claim(
+        guest_id=g.guest_id,
+        priority=g.limits.priority,
+        connected=g.connected,
+        minimum=minimum,
+        maximum=maximum,
+        burst=max(_down(field(g.limits.burst), unit), maximum),
+        held=_up(field(g.held), unit),
+        want=_up(field(g.demand), unit),
+        releasing=_up(field(g.releasing), unit),
+    )
 
 
 def _exact(outcome: _Outcome, guest: GuestView, field: Callable[[Amount], int], unit: int) -> int:
@@ -401,8 +470,7 @@ def _bytes(n: int) -> str:
 
 
 def _validate(pool: Pool, guests: Sequence[GuestView], block_size: int) -> None:
-    if block_size <= 0:
-        raise ValueError(f"block_size must be positive, got {block_size}")
+    _validate_block_size(block_size)
     for field, value in (("cpus", pool.capacity.cpus), ("memory", pool.capacity.memory)):
         if value < 0:
             raise ValueError(f"pool: capacity.{field} is {value}, must be >= 0")
@@ -411,36 +479,43 @@ def _validate(pool: Pool, guests: Sequence[GuestView], block_size: int) -> None:
         if g.guest_id in seen:
             raise ValueError(f"guest {g.guest_id!r}: guest_id appears twice")
         seen.add(g.guest_id)
-        amounts = {
-            "limits.minimum": g.limits.minimum,
-            "limits.maximum": g.limits.maximum,
-            "limits.burst": g.limits.burst,
-            "held": g.held,
-            "demand": g.demand,
-            "releasing": g.releasing,
-        }
-        for name, amount in amounts.items():
-            for field, value in (("cpus", amount.cpus), ("memory", amount.memory)):
-                if value < 0:
-                    raise ValueError(
-                        f"guest {g.guest_id!r}: {name}.{field} is {value}, must be >= 0"
-                    )
-        lim = g.limits
-        for field, low, high in (
-            ("cpus", lim.minimum.cpus, lim.maximum.cpus),
-            ("memory", lim.minimum.memory, lim.maximum.memory),
-        ):
-            if low > high:
-                raise ValueError(
-                    f"guest {g.guest_id!r}: limits.minimum.{field} ({low}) "
-                    f"> limits.maximum.{field} ({high})"
-                )
-        for field, high, top in (
-            ("cpus", lim.maximum.cpus, lim.burst.cpus),
-            ("memory", lim.maximum.memory, lim.burst.memory),
-        ):
-            if top < high:
-                raise ValueError(
-                    f"guest {g.guest_id!r}: limits.burst.{field} ({top}) "
-                    f"< limits.maximum.{field} ({high})"
-                )
+        _validate_guest(g)
+
+
+def _validate_block_size(block_size: int) -> None:
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+
+
+def _validate_guest(g: GuestView) -> None:
+    amounts = {
+        "limits.minimum": g.limits.minimum,
+        "limits.maximum": g.limits.maximum,
+        "limits.burst": g.limits.burst,
+        "held": g.held,
+        "demand": g.demand,
+        "releasing": g.releasing,
+    }
+    for name, amount in amounts.items():
+        for field, value in (("cpus", amount.cpus), ("memory", amount.memory)):
+            if value < 0:
+                raise ValueError(f"guest {g.guest_id!r}: {name}.{field} is {value}, must be >= 0")
+    lim = g.limits
+    for field, low, high in (
+        ("cpus", lim.minimum.cpus, lim.maximum.cpus),
+        ("memory", lim.minimum.memory, lim.maximum.memory),
+    ):
+        if low > high:
+            raise ValueError(
+                f"guest {g.guest_id!r}: limits.minimum.{field} ({low}) "
+                f"> limits.maximum.{field} ({high})"
+            )
+    for field, high, top in (
+        ("cpus", lim.maximum.cpus, lim.burst.cpus),
+        ("memory", lim.maximum.memory, lim.burst.memory),
+    ):
+        if top < high:
+            raise ValueError(
+                f"guest {g.guest_id!r}: limits.burst.{field} ({top}) "
+                f"< limits.maximum.{field} ({high})"
+            )

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from broker.arbiter import Amount, GuestLimits, GuestView, Plan, Pool, arbitrate
+from broker.arbiter import (
+    Amount,
+    GuestLimits,
+    GuestView,
+    Plan,
+    Pool,
+    arbitrate,
+    footprint,
+    plan_alone,
+    uncontended,
+)
 
 GIB = 1 << 30
 BLOCK = 128 << 20  # a common x86 memory block size
@@ -584,3 +595,94 @@ def test_unaligned_limits_still_give_whole_blocks(data: st.DataObject) -> None:
     assert memory >= minimum
     # Above burst only when no whole block lies between minimum and burst.
     assert memory <= max(burst, -(-minimum // BLOCK) * BLOCK)
+
+
+# ------------------------------------------------------------------ the pool uncontended
+
+
+def part(plan: Plan, guest_id: str) -> Plan:
+    """One guest's share of a plan."""
+
+    def only(mapping: Mapping[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in mapping.items() if k == guest_id}
+
+    return Plan(only(plan.targets), only(plan.grants), only(plan.reclaims), only(plan.reasons))
+
+
+@st.composite
+def unaligned_views(draw: st.DrawFn, guest_id: str) -> GuestView:
+    """Like `guest_views`, with memory figures off block boundaries (boot memory)."""
+    view = draw(guest_views(guest_id))
+
+    def nudge(amount: Amount) -> Amount:
+        return Amount(amount.cpus, max(0, amount.memory + draw(st.integers(-BLOCK, BLOCK))))
+
+    minimum = nudge(view.limits.minimum)
+    maximum = Amount(view.limits.maximum.cpus, max(minimum.memory, view.limits.maximum.memory))
+    burst = Amount(view.limits.burst.cpus, max(maximum.memory, view.limits.burst.memory))
+    return replace(
+        view,
+        limits=replace(view.limits, minimum=minimum, maximum=maximum, burst=burst),
+        held=nudge(view.held),
+        demand=nudge(view.demand),
+    )
+
+
+@st.composite
+def uncontended_states(draw: st.DrawFn) -> tuple[Pool, list[GuestView]]:
+    """Any guests, and a pool their footprints fit, with some spare or none."""
+    views = draw(st.sampled_from([guest_views, unaligned_views]))
+    guests = [draw(views(f"g{i}")) for i in range(draw(st.integers(1, 12)))]
+    total = ZERO
+    for g in guests:
+        total = total + footprint(g, BLOCK)
+    spare = Amount(draw(st.integers(0, 3)), draw(st.integers(0, 3)) * BLOCK)
+    return Pool(total + spare + Amount(0, draw(st.integers(0, BLOCK - 1)))), guests
+
+
+@settings(max_examples=500, deadline=None)
+@given(state=uncontended_states())
+def test_an_uncontended_pool_gives_every_guest_its_plan_alone(
+    state: tuple[Pool, list[GuestView]],
+) -> None:
+    capacity, guests = state
+    plan = arbitrate(capacity, guests, BLOCK)
+    for g in guests:
+        assert plan_alone(g, BLOCK) == part(plan, g.guest_id), g
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=consistent_states())
+def test_uncontended_says_whether_the_footprints_fit(state: tuple[Pool, list[GuestView]]) -> None:
+    capacity, guests = state
+    total = ZERO
+    for g in guests:
+        total = total + footprint(g, BLOCK)
+    fits = uncontended(capacity, total, BLOCK)
+    assert fits == (
+        total.cpus <= capacity.capacity.cpus
+        and total.memory <= capacity.capacity.memory // BLOCK * BLOCK
+    )
+    plan = arbitrate(capacity, guests, BLOCK)
+    if fits:
+        for g in guests:
+            assert plan_alone(g, BLOCK) == part(plan, g.guest_id), g
+
+
+def test_a_short_pool_is_contended_and_the_plan_alone_would_be_wrong() -> None:
+    guests = [
+        guest("high", priority=10, held=(1, 1), demand=(4, 4)),
+        guest("low", priority=1, held=(3, 3), demand=(4, 4)),
+    ]
+    total = footprint(guests[0], BLOCK) + footprint(guests[1], BLOCK)
+    assert total == amount(8, 8)  # both at their demand
+    assert not uncontended(pool(4, 4), total, BLOCK)
+    assert plan_alone(guests[1], BLOCK) != part(arbitrate(pool(4, 4), guests, BLOCK), "low")
+    assert uncontended(pool(8, 8), total, BLOCK)
+
+
+def test_plan_alone_refuses_what_arbitrate_refuses() -> None:
+    with pytest.raises(ValueError, match=r"limits\.burst\.cpus"):
+        plan_alone(guest("g", burst=(2, 4)), BLOCK)
+    with pytest.raises(ValueError, match="block_size"):
+        plan_alone(guest("g"), 0)
