@@ -130,17 +130,22 @@ def uncontended(pool: Pool, total: Amount, block_size: int) -> bool:
     )
 
 
-def plan_alone(guest: GuestView, block_size: int) -> Plan:
-    """`guest`'s part of `arbitrate(pool, guests, block_size)` while the pool is
-    `uncontended` (the footprints of all `guests` fit it), in O(1).
+def plan_alone(guests: Sequence[GuestView], block_size: int) -> Plan:
+    """The parts of `guests` in `arbitrate(pool, all_guests, block_size)` while
+    the pool is `uncontended` (the footprints of all guests fit it): each guest's
+    part is computed alone, in O(1), so a caller can plan only for the guests
+    that changed.
 
-    Raises ValueError as `arbitrate` does for this guest.
+    Raises ValueError as `arbitrate` does for these guests.
     """
     _validate_block_size(block_size)
-    _validate_guest(guest)
-    cpus = _alone(_claim(guest, _cpus, 1))
-    memory = _alone(_claim(guest, _memory, block_size))
-    return _plan([(guest, _settle(guest, cpus, memory, block_size))])
+    settled = []
+    for g in guests:
+        _validate_guest(g)
+        cpus = _alone(_claim(g, _cpus, 1))
+        memory = _alone(_claim(g, _memory, block_size))
+        settled.append((g, _settle(g, cpus, memory, block_size)))
+    return _plan(settled)
 
 
 def _settle(

@@ -648,7 +648,8 @@ def test_an_uncontended_pool_gives_every_guest_its_plan_alone(
     capacity, guests = state
     plan = arbitrate(capacity, guests, BLOCK)
     for g in guests:
-        assert plan_alone(g, BLOCK) == part(plan, g.guest_id), g
+        assert plan_alone([g], BLOCK) == part(plan, g.guest_id), g
+    assert plan_alone(guests, BLOCK) == plan
 
 
 @settings(max_examples=300, deadline=None)
@@ -666,7 +667,7 @@ def test_uncontended_says_whether_the_footprints_fit(state: tuple[Pool, list[Gue
     plan = arbitrate(capacity, guests, BLOCK)
     if fits:
         for g in guests:
-            assert plan_alone(g, BLOCK) == part(plan, g.guest_id), g
+            assert plan_alone([g], BLOCK) == part(plan, g.guest_id), g
 
 
 def test_a_short_pool_is_contended_and_the_plan_alone_would_be_wrong() -> None:
@@ -677,12 +678,12 @@ def test_a_short_pool_is_contended_and_the_plan_alone_would_be_wrong() -> None:
     total = footprint(guests[0], BLOCK) + footprint(guests[1], BLOCK)
     assert total == amount(8, 8)  # both at their demand
     assert not uncontended(pool(4, 4), total, BLOCK)
-    assert plan_alone(guests[1], BLOCK) != part(arbitrate(pool(4, 4), guests, BLOCK), "low")
+    assert plan_alone([guests[1]], BLOCK) != part(arbitrate(pool(4, 4), guests, BLOCK), "low")
     assert uncontended(pool(8, 8), total, BLOCK)
 
 
 def test_plan_alone_refuses_what_arbitrate_refuses() -> None:
     with pytest.raises(ValueError, match=r"limits\.burst\.cpus"):
-        plan_alone(guest("g", burst=(2, 4)), BLOCK)
+        plan_alone([guest("g", burst=(2, 4))], BLOCK)
     with pytest.raises(ValueError, match="block_size"):
-        plan_alone(guest("g"), 0)
+        plan_alone([guest("g")], 0)

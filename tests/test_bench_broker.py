@@ -258,6 +258,7 @@ async def test_a_burst_of_changes_writes_the_state_file_once_with_the_last(
     monkeypatch.setattr(broker, "write_state", counted)
     for cpus in (2, 3, 4):
         record.demand = Amount(cpus, GiB)
+        broker.noted(record)
         broker.state_changed()
 
     await until(lambda: bool(writes), 10, "the state file to be written")
@@ -276,7 +277,7 @@ async def test_a_grant_ack_that_changes_nothing_starts_no_round_but_shows_in_sta
     grant = sent(outbox, "grant")[-1].grant  # after the session's own
     assert grant.cpus == 3
     rounds: list[str] = []
-    monkeypatch.setattr(broker, "changed", lambda: rounds.append("round"))
+    monkeypatch.setattr(broker, "changed", lambda *_: rounds.append("round"))
 
     onlined = [
         pb.ItemResult(

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
 from simulation import broker_config
 
 from agent.kernel import Kernel
 from agent.topology import Topology
-from broker.arbiter import Amount
+from broker import arbiter, core
+from broker.arbiter import Amount, GuestView, Plan, Pool
 from broker.backend import BackendError, BackendUnavailable, EjectRefused, PlugState
 from broker.config import CpuLimits, GuestConfig, MemoryLimits
-from broker.core import Broker, GuestRecord
+from broker.core import (
+    PLUG_BACKOFF_SECONDS,
+    SHORT_RECLAIM_BACKOFF_SECONDS,
+    Broker,
+    GuestRecord,
+)
 from broker.metrics import BrokerMetrics
 from broker.simulated import SimulatedBackend
 from vmtide.fakesys import FakeGuest
@@ -509,3 +519,405 @@ async def test_an_ack_whose_reclaim_ends_while_it_is_unplugged(tmp_path: Path) -
     backend.go.set()
     await acking  # no KeyError
     assert fake.present_cpus() == {0} and record.present_cpus == {0}
+
+
+# ------------------------------------------- incremental rounds against full ones
+
+
+class TwinAgent:
+    """One guest's agent, as the benchmark plays it: onlining and offlining are
+    bookkeeping, what the tree lists is what the broker plugged."""
+
+    def __init__(self, fake: FakeGuest) -> None:
+        self.fake = fake
+        self.online_cpus: set[int] = set()
+        self.online_blocks: set[int] = set()
+        self.present: set[int] = set()
+        self.last_grant_id = 0
+
+    def hello(self) -> pb.Hello:
+        topology = Topology.read(Kernel(self.fake.sysfs, self.fake.procfs))
+        self.present = {c.id for c in topology.cpus}
+        self.online_cpus = {c.id for c in topology.cpus if c.online}
+        self.online_blocks = {b.index for b in topology.blocks if b.online}
+        self.last_grant_id = 0
+        return pb.Hello(protocol_version=1, topology=topology.to_proto())
+
+    def online(self) -> tuple[int, int]:
+        return len(self.online_cpus), len(self.online_blocks) * BLOCK
+
+    def answer(self, message: pb.BrokerMessage, policy: str) -> pb.GuestMessage | None:
+        """The Ack for a Grant or Reclaim; for a Reclaim, `policy` may keep one
+        block online (a refusal) or send nothing (a stuck agent)."""
+        items: list[pb.ItemResult] = []
+        if message.WhichOneof("body") == "grant":
+            grant = message.grant
+            self.last_grant_id = grant.grant_id
+            self.present |= set(grant.cpu_ids)
+            for cpu in sorted(self.present - self.online_cpus):
+                if len(self.online_cpus) >= grant.cpus:
+                    break
+                self.online_cpus.add(cpu)
+                items.append(item(pb.RESOURCE_KIND_CPU, cpu, pb.ACTION_ONLINE, pb.OUTCOME_DONE))
+            for index in sorted(set(self.fake.block_indexes()) - self.online_blocks):
+                if len(self.online_blocks) * BLOCK >= grant.memory_bytes:
+                    break
+                self.online_blocks.add(index)
+                kind = pb.RESOURCE_KIND_MEMORY_BLOCK
+                items.append(item(kind, index, pb.ACTION_ONLINE, pb.OUTCOME_DONE))
+            ack = pb.Ack(grant_id=grant.grant_id, items=items)
+        elif message.WhichOneof("body") == "reclaim":
+            if policy == "silent":
+                return None
+            reclaim = message.reclaim
+            for cpu in sorted(self.online_cpus - {0}, reverse=True):
+                if len(self.online_cpus) <= reclaim.cpus:
+                    break
+                self.online_cpus.discard(cpu)
+                self.present.discard(cpu)
+                items.append(item(pb.RESOURCE_KIND_CPU, cpu, pb.ACTION_OFFLINE, pb.OUTCOME_DONE))
+            refuse = policy == "refuse"
+            for index in sorted(self.online_blocks - set(range(8)), reverse=True):
+                if len(self.online_blocks) * BLOCK <= reclaim.memory_bytes:
+                    break
+                kind = pb.RESOURCE_KIND_MEMORY_BLOCK
+                if refuse:
+                    refuse = False
+                    items.append(item(kind, index, pb.ACTION_OFFLINE, pb.OUTCOME_REFUSED))
+                    continue
+                self.online_blocks.discard(index)
+                items.append(item(kind, index, pb.ACTION_OFFLINE, pb.OUTCOME_DONE))
+            ack = pb.Ack(reclaim_id=reclaim.reclaim_id, items=items)
+        else:
+            return None
+        ack.online_cpus, ack.online_memory_bytes = self.online()
+        return pb.GuestMessage(ack=ack)
+
+
+def item(
+    kind: pb.ResourceKind.ValueType,
+    index: int,
+    action: pb.Action.ValueType,
+    outcome: pb.Outcome.ValueType,
+) -> pb.ItemResult:
+    return pb.ItemResult(kind=kind, index=index, action=action, outcome=outcome)
+
+
+class Jammed(Unreachable):
+    """A hypervisor that can also refuse to plug CPUs (TCG out of vCPUs) and to
+    resize the balloon."""
+
+    jammed = False
+
+    async def plug_cpus(self, count: int) -> list[int]:
+        if self.jammed:
+            raise BackendError(self.name, "device_add", "no free vCPU slot")
+        return await super().plug_cpus(count)
+
+    async def set_balloon(self, hold_bytes: int) -> None:
+        if self.jammed:
+            raise BackendError(self.name, "balloon", "balloon device not ready")
+        await super().set_balloon(hold_bytes)
+
+
+@dataclass
+class Twin:
+    """A broker and its guests' agents; two twins see the same events."""
+
+    broker: Broker
+    backends: dict[str, Jammed]
+    agents: dict[str, TwinAgent]
+    outboxes: dict[str, asyncio.Queue[pb.BrokerMessage | None]]
+
+
+def make_twin(
+    root: Path,
+    limits: Sequence[tuple[int, int, int, int, int, bool]],
+    pool: tuple[int, int],
+    **kw: Any,
+) -> Twin:
+    configs, backends, agents = [], {}, {}
+    for i, (cpu_min, cpu_max, cpu_burst, mem_max, priority, balloon) in enumerate(limits):
+        gid = f"g{i}"
+        fake = FakeGuest(root / gid, possible_cpus=6, boot_cpus=1, boot_blocks=8)
+        configs.append(
+            GuestConfig(
+                id=gid,
+                listen=f"unix:/nonexistent/{gid}",
+                backend="simulated",
+                simulated_root=fake.root,
+                priority=priority,
+                cpus=CpuLimits(minimum=cpu_min, maximum=cpu_max, burst=cpu_burst),
+                memory=MemoryLimits(minimum_bytes=GiB, maximum_bytes=mem_max * BLOCK),
+                balloon_fallback=balloon,
+            )
+        )
+        backends[gid] = Jammed(fake, gid, balloon=True)
+        agents[gid] = TwinAgent(fake)
+    config = broker_config(root, configs, cpus=pool[0], memory=pool[1] * BLOCK)
+    broker = Broker(config, dict(backends), BrokerMetrics(CollectorRegistry()), **kw)
+    return Twin(broker, backends, agents, {})
+
+
+def books(twin: Twin) -> dict[str, Any]:
+    """Everything the broker knows and shows, less its ids."""
+    broker = twin.broker
+    state = broker.status()
+    # The state file re-encodes only the guests that changed: it must not miss one.
+    assert json.loads(broker.status_json()) == state
+    for entry in state["guests"].values():
+        entry.pop("session")
+        entry["pending_reclaims"] = len(entry["pending_reclaims"])
+    for g in broker.guests.values():
+        state["guests"][g.id]["books"] = (
+            g.held,
+            g.present_cpus,
+            g.present_memory,
+            sorted((p.target, p.releasing, p.deadline) for p in g.pending.values()),
+            g.deferred_request is not None,
+            g.reclaim_backoff_until,
+            dict(g.plug_backoff_until),
+            g.balloon_backoff_until,
+            twin.backends[g.id].balloon_requests,
+        )
+    return state
+
+
+def differences(a: Any, b: Any, where: str = "") -> list[str]:
+    """Where two nested dicts differ, and how, for a failure one can read."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            line
+            for key in sorted(a.keys() | b.keys(), key=str)
+            for line in differences(a.get(key), b.get(key), f"{where}.{key}")
+        ]
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def drained(twin: Twin, gid: str) -> list[pb.BrokerMessage]:
+    outbox = twin.outboxes.get(gid)
+    messages = []
+    while outbox is not None and not outbox.empty():
+        message = outbox.get_nowait()
+        if message is not None:
+            messages.append(message)
+    return messages
+
+
+def without_ids(message: pb.BrokerMessage) -> str:
+    copy = pb.BrokerMessage()
+    copy.CopyFrom(message)
+    for part in (copy.welcome, copy.grant, copy.reclaim):
+        for name in ("session_id", "grant_id", "reclaim_id"):
+            if hasattr(part, name):
+                part.ClearField(name)  # type: ignore[arg-type]
+    return str(copy)
+
+
+# Each a session opened or closed, a request, the guest reading and answering
+# what it was sent, a LoadReport (after onlining all it has, unasked, now and
+# then), time passing, its hypervisor going away or coming back, its plugs and
+# balloon refused or allowed again, an arbitration round, or time passing and
+# a round (backoffs running out while nothing else happens).
+EVENTS = (
+    "open close ask ask ask deliver deliver deliver report report time down up jam "
+    "round round round wait wait"
+)
+
+
+@pytest.mark.parametrize("seed", range(60))
+async def test_incremental_rounds_do_what_full_rounds_do(tmp_path: Path, seed: int) -> None:
+    """Random sessions, requests, Acks (refused and missing ones too), reports,
+    hypervisor outages and time passing, against a broker that plans only for
+    what changed and one that runs the arbiter over every guest every round:
+    the same messages, books and status at every step."""
+    rng = random.Random(seed)
+    count = rng.randint(2, 6)
+    limits = []
+    for _ in range(count):
+        cpu_min = rng.randint(1, 2)
+        cpu_max = rng.randint(cpu_min, 4)
+        burst, memory = rng.choice([cpu_max, 6]), rng.randint(8, 20)
+        limits.append((cpu_min, cpu_max, burst, memory, rng.randint(0, 2), rng.random() < 0.5))
+    # Roomy pools stay uncontended; tight ones switch between the two.
+    pool = rng.choice(
+        [(6 * count, 20 * count), (2 * count, 10 * count), (count + 2, 8 * count + 6)]
+    )
+    now = [1000.0]
+    twins = [
+        make_twin(tmp_path / name, limits, pool, clock=lambda: now[0], incremental=incremental)
+        for name, incremental in (("fast", True), ("full", False))
+    ]
+    gids = [f"g{i}" for i in range(count)]
+    for step in range(150):
+        event = rng.choice(EVENTS.split())
+        gid = rng.choice(gids)
+        if event == "ask":
+            cpus, blocks, stale = rng.randint(0, 7), rng.randint(6, 22), rng.random() < 0.2
+        policy = rng.choice(["ack", "ack", "ack", "refuse", "silent"])
+        later = rng.choice([0.05, 0.5, 3.0, 20.0, 40.0])
+        udev = rng.random() < 0.2
+        delivered: list[list[str]] = []
+        now[0] += {"time": later, "wait": 16.0}.get(event, 0.0)  # one clock for both
+        for twin in twins:
+            broker, record, agent = twin.broker, twin.broker.guests[gid], twin.agents[gid]
+            if event == "open" and not record.connected:
+                _, twin.outboxes[gid] = broker.open_session(gid, agent.hello())
+            elif event == "close" and record.outbox is not None:
+                broker.close_session(record, record.outbox)
+                twin.outboxes.pop(gid, None)
+            elif event == "ask" and record.connected:
+                seen = 0 if stale else agent.last_grant_id
+                message = pb.ResourceRequest(
+                    request_id=step, cpus=cpus, memory_bytes=blocks * BLOCK, seen_grant_id=seen
+                )
+                await broker.on_message(record, pb.GuestMessage(request=message))
+            elif event == "deliver" and record.connected:
+                sent = drained(twin, gid)
+                delivered.append([without_ids(m) for m in sent])
+                for sent_message in sent:
+                    reply = agent.answer(sent_message, policy)
+                    if reply is not None:
+                        await broker.on_message(record, reply)
+            elif event == "report" and record.connected:
+                if udev:  # a udev rule onlines what is plugged, no Ack says so
+                    agent.online_cpus |= agent.present
+                    agent.online_blocks |= set(agent.fake.block_indexes())
+                cpus_online, memory_online = agent.online()
+                report = pb.LoadReport(online_cpus=cpus_online, online_memory_bytes=memory_online)
+                await broker.on_message(record, pb.GuestMessage(report=report))
+            elif event == "down" and twin.backends[gid].up:
+                twin.backends[gid].up = False
+                broker.backend_down(gid, "QMP socket gone")
+            elif event == "up" and not twin.backends[gid].up:
+                twin.backends[gid].up = True
+                await broker.backend_up(gid)
+            elif event == "jam":
+                twin.backends[gid].jammed = not twin.backends[gid].jammed
+            elif event in ("round", "wait"):
+                await broker.rebalance()
+        fast, full = twins
+        assert delivered[:1] == delivered[1:], (step, gid)
+        assert differences(books(fast), books(full)) == [], (step, event, gid)
+
+
+async def answer(twin: Twin, gid: str, policy: str = "ack") -> list[pb.BrokerMessage]:
+    """Read what the broker sent the guest, and answer it as its agent would."""
+    messages = drained(twin, gid)
+    for message in messages:
+        reply = twin.agents[gid].answer(message, policy)
+        if reply is not None:
+            await twin.broker.on_message(twin.broker.guests[gid], reply)
+    return messages
+
+
+async def asks(twin: Twin, gid: str, cpus: int, blocks: int) -> None:
+    record = twin.broker.guests[gid]
+    record.last_request_at = -math.inf  # never rate limited here
+    message = pb.ResourceRequest(
+        cpus=cpus, memory_bytes=blocks * BLOCK, seen_grant_id=twin.agents[gid].last_grant_id
+    )
+    await twin.broker.on_message(record, pb.GuestMessage(request=message))
+
+
+def open_all(twin: Twin) -> None:
+    for gid, agent in twin.agents.items():
+        _, twin.outboxes[gid] = twin.broker.open_session(gid, agent.hello())
+
+
+async def test_a_request_that_fits_is_planned_alone_and_contention_runs_the_arbiter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    twin = make_twin(tmp_path, [(1, 4, 4, 16, 0, False)] * 3, pool=(6, 48))
+    open_all(twin)
+    planned: list[list[str]] = []
+    arbitrated: list[list[str]] = []
+
+    def plan_alone(guests: Sequence[GuestView], block_size: int) -> Plan:
+        planned.append([g.guest_id for g in guests])
+        return arbiter.plan_alone(guests, block_size)
+
+    def arbitrate(pool: Pool, guests: Sequence[GuestView], block_size: int) -> Plan:
+        arbitrated.append([g.guest_id for g in guests])
+        return arbiter.arbitrate(pool, guests, block_size)
+
+    monkeypatch.setattr(core, "plan_alone", plan_alone)
+    monkeypatch.setattr(core, "arbitrate", arbitrate)
+    await twin.broker.rebalance()  # the sessions' round: everybody, alone
+    for gid in twin.agents:
+        await answer(twin, gid)  # the sessions' grants
+    await twin.broker.rebalance()  # and their Acks
+    planned.clear()
+
+    await asks(twin, "g1", 3, 12)
+    await twin.broker.rebalance()
+    [grant] = [m.grant for m in await answer(twin, "g1")]
+    assert (grant.cpus, grant.memory_bytes) == (3, 12 * BLOCK)
+    # The round planned for g1 alone, and once more to see it has nothing left to do.
+    assert planned == [["g1"], ["g1"]] and arbitrated == []
+    planned.clear()
+    await twin.broker.rebalance()  # for the grant's Ack
+    assert planned == [["g1"], ["g1"]]
+    planned.clear()
+    await twin.broker.rebalance()
+    assert planned == [] and arbitrated == []  # nothing changed: nobody to plan for
+
+    # g0 wants 4 CPUs: 4 + 3 + 1 do not fit 6. Shares depend on each other now.
+    await asks(twin, "g0", 4, 8)
+    await twin.broker.rebalance()
+    assert arbitrated == [["g0", "g1", "g2"]]
+    [grant] = [m.grant for m in await answer(twin, "g0")]
+    assert grant.cpus == 2  # water-filled: 6 = 2 + 3 + 1, none to reclaim from g1 at 3
+    assert planned == []
+
+
+async def test_a_short_reclaim_is_asked_again_after_its_backoff_though_nothing_changes(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    twin = make_twin(tmp_path, [(1, 4, 4, 16, 0, False)] * 2, pool=(8, 32), clock=lambda: now[0])
+    open_all(twin)
+    await asks(twin, "g0", 1, 12)
+    await twin.broker.rebalance()
+    await answer(twin, "g0")
+    await asks(twin, "g0", 1, 8)
+    await twin.broker.rebalance()
+    # The guest keeps one block (EBUSY): the reclaim is short.
+    [reclaim] = [m.reclaim for m in await answer(twin, "g0", "refuse")]
+    assert reclaim.memory_bytes == 8 * BLOCK
+    await twin.broker.rebalance()
+    assert drained(twin, "g0") == []
+    now[0] += SHORT_RECLAIM_BACKOFF_SECONDS / 2
+    await twin.broker.rebalance()
+    assert drained(twin, "g0") == []
+    now[0] += SHORT_RECLAIM_BACKOFF_SECONDS / 2 + 1
+    await twin.broker.rebalance()  # a periodic round, nothing new about anybody
+    [again] = [m.reclaim for m in drained(twin, "g0")]
+    assert again.memory_bytes == 8 * BLOCK
+
+
+async def test_a_failed_balloon_is_tried_again_after_its_backoff_though_nothing_changes(
+    tmp_path: Path,
+) -> None:
+    now = [1000.0]
+    twin = make_twin(tmp_path, [(1, 4, 4, 16, 0, True)], pool=(4, 16), clock=lambda: now[0])
+    open_all(twin)
+    backend = twin.backends["g0"]
+    await asks(twin, "g0", 1, 12)
+    await twin.broker.rebalance()
+    await answer(twin, "g0")
+    await asks(twin, "g0", 1, 8)
+    await twin.broker.rebalance()
+    backend.jammed = True
+    await answer(twin, "g0", "refuse")  # one block kept online: for the balloon
+    await twin.broker.rebalance()
+    assert backend.balloon_requests == []
+    backend.jammed = False
+    # It asks for what it has now: no release offer left to wait for.
+    await asks(twin, "g0", 1, 9)
+    await twin.broker.rebalance()
+    assert drained(twin, "g0") == []
+    assert backend.balloon_requests == []  # not before its backoff ends
+    now[0] += PLUG_BACKOFF_SECONDS + 1
+    await twin.broker.rebalance()
+    assert backend.balloon_requests == [BLOCK]
