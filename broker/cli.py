@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import json
 import logging
 import signal
@@ -149,6 +150,11 @@ async def serve(
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
+        # What start-up built (config, books, servers) lives as long as the
+        # process: out of the collector's sight, a full collection walks only
+        # what came since (measured: the longest pause at 1,000 guests fell
+        # from 246 to 106 ms, bench/broker_scale.py).
+        gc.freeze()
         notifier = SystemdNotifier()
         notifier("READY=1")
         log.info("vmtide-broker %s serving %d guests", __version__, len(config.guests))
