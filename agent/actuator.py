@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Collection
 
 from agent.crashpoint import crash_point
-from agent.kernel import BOOT_CPU, ItemResult, Kernel, OnlineType, Outcome
+from agent.kernel import BOOT_CPU, BlockState, ItemResult, Kernel, OnlineType, Outcome
 from agent.topology import Topology
 
 log = logging.getLogger("vmtide.agent.actuator")
@@ -43,10 +43,13 @@ class Actuator:
 
     def online_cpus(self, target: int, only: Collection[int] | None = None) -> list[ItemResult]:
         """Online standby CPUs (of `only`, if given), lowest id first, until `target` are online."""
-        topo = self.topology()
+        # The CPUs alone, read once for the batch: each write still checks its
+        # own CPU first, so an item onlined meanwhile is ALREADY, not DONE.
+        cpus = self.kernel.cpus()
         results = []
-        online = topo.online_cpus
-        for cpu in sorted(c for c in topo.standby_cpus if only is None or c in only):
+        online = sum(c.online for c in cpus)
+        standby = (c.id for c in cpus if not c.online)
+        for cpu in sorted(c for c in standby if only is None or c in only):
             if online >= target:
                 break
             crash_point("online.before-write")
@@ -58,12 +61,12 @@ class Actuator:
 
     def offline_cpus(self, target: int, floor: int) -> list[ItemResult]:
         """Offline CPUs, highest id first, down to max(target, floor)."""
-        topo = self.topology()
+        cpus = self.kernel.cpus()
         goal = max(target, floor, 1)
-        online = topo.online_cpus
+        online = sum(c.online for c in cpus)
         results = []
         for cpu in sorted(
-            (c for c in topo.cpus if c.online and c.hotpluggable and c.id != BOOT_CPU),
+            (c for c in cpus if c.online and c.hotpluggable and c.id != BOOT_CPU),
             key=lambda c: -c.id,
         ):
             if online <= goal:
@@ -79,10 +82,14 @@ class Actuator:
         self, target_bytes: int, only: Collection[int] | None = None
     ) -> list[ItemResult]:
         """Online offline blocks (of `only`, if given), lowest index first, up to `target_bytes`."""
-        topo = self.topology()
-        online = topo.online_memory_bytes
+        # Only the blocks' states: zones and nodes are for offlining and the
+        # broker, and an offline block's valid_zones makes the kernel walk it.
+        block_size = self.kernel.block_size()
+        states = self.kernel.memory_block_states()
+        online = sum(state is BlockState.ONLINE for _, state in states) * block_size
+        standby = (i for i, state in states if state is BlockState.OFFLINE)
         results = []
-        for index in sorted(b for b in topo.standby_blocks if only is None or b in only):
+        for index in sorted(b for b in standby if only is None or b in only):
             if online >= target_bytes:
                 break
             crash_point("online.before-write")
@@ -98,7 +105,7 @@ class Actuator:
                 result = self.kernel.online_block(index, OnlineType.DEFAULT)
             crash_point("online.after-write")
             results.append(result)
-            online += topo.block_size * result.ok
+            online += block_size * result.ok
         return results
 
     def offline_memory(
@@ -109,12 +116,13 @@ class Actuator:
         A refused block is reported and the next one tried, so one pinned page
         does not stop the release; nothing is tried after the deadline.
         """
-        topo = self.topology()
+        block_size = self.kernel.block_size()
+        blocks = self.kernel.memory_blocks()
         goal = max(target_bytes, floor_bytes)
-        online = topo.online_memory_bytes
+        online = sum(b.online for b in blocks) * block_size
         results = []
-        for block in sorted((b for b in topo.blocks if b.movable), key=lambda b: -b.index):
-            if online - topo.block_size < goal:
+        for block in sorted((b for b in blocks if b.movable), key=lambda b: -b.index):
+            if online - block_size < goal:
                 break
             timeout = self.offline_timeout
             if deadline is not None:
@@ -125,7 +133,7 @@ class Actuator:
             result = self.kernel.offline_block(block.index, timeout=timeout)
             crash_point("offline.after-write")
             results.append(result)
-            online -= topo.block_size * _gone(result)
+            online -= block_size * _gone(result)
         return results
 
 

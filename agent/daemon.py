@@ -261,6 +261,8 @@ class Agent:
             maxlen=math.ceil(history) + 1
         )
         self.policy_state = policy.PolicyState()
+        # decide() on the sliding history, keeping each sample's work between cycles.
+        self.policy_engine = policy.Policy()
         self.decisions: policy.Decisions | None = None
         self.recent_decisions: collections.deque[dict[str, Any]] = collections.deque(
             maxlen=RECENT_DECISIONS
@@ -421,7 +423,7 @@ class Agent:
         topo = self.topo
         sample = make_sample(reading, topo, previous)
         self.samples.append(sample)
-        decisions, self.policy_state = policy.decide(
+        decisions, self.policy_state = self.policy_engine.decide(
             list(self.samples),
             self.limits.cpus,
             self.limits.memory,

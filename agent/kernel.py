@@ -46,6 +46,7 @@ BOOT_CPU = 0
 # Far above any kernel's NR_CPUS (8192 on x86 with MAXSMP).
 MAX_CPUS = 1 << 16
 
+_READ_CHUNK = 4096
 _DIGITS = re.compile(r"[0-9]+")
 _CPU_NAME = re.compile(r"cpu(\d+)")
 _BLOCK_NAME = re.compile(r"memory(\d+)")
@@ -181,6 +182,25 @@ class SysfsWriter:
             raise OSError(code, os.strerror(code), str(path))
 
 
+def _read_attr(path: str) -> str:
+    """A sysfs attribute's (or another small file's) text, raising OSError as
+    open and read do.
+
+    os-level, not Path.read_text: a rescan reads a few files per CPU and per
+    memory block, and the buffered text layer costs as much again.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        # sysfs hands over a whole attribute (at most a page) in one read, as
+        # a regular file does: a short read is the end.
+        data = os.read(fd, _READ_CHUNK)
+        while len(data) % _READ_CHUNK == 0 and (more := os.read(fd, _READ_CHUNK)):
+            data += more
+    finally:
+        os.close(fd)
+    return data.decode()
+
+
 def _write_attr(path: Path, value: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC)  # as `echo >` does; sysfs ignores O_TRUNC
     try:
@@ -251,13 +271,16 @@ class Kernel:
         self.procfs = procfs
         self._cpu = sysfs / CPU_DIR
         self._memory = sysfs / MEMORY_DIR
+        # As strings too: paths per CPU and per block are built on every rescan.
+        self._cpu_dir = str(self._cpu)
+        self._memory_dir = str(self._memory)
         self._writer: AttrWriter = writer if writer is not None else SysfsWriter()
 
     # ------------------------------------------------------------------ reads
 
     def _read(self, path: Path) -> str:
         try:
-            return path.read_text()
+            return _read_attr(str(path))
         except OSError as err:
             raise KernelReadError(path, err.strerror or str(err)) from err
 
@@ -284,11 +307,11 @@ class Kernel:
         online = self.cpus_online()
         result = []
         for cpu_id in sorted(self.cpus_present()):
-            state_file = self._cpu / f"cpu{cpu_id}" / "online"
+            cpu_dir = f"{self._cpu_dir}/cpu{cpu_id}"
             try:
-                text = state_file.read_text().strip()
+                text = _read_attr(cpu_dir + "/online").strip()
             except FileNotFoundError:
-                if not state_file.parent.exists():
+                if not os.path.exists(cpu_dir):
                     continue  # ejected since `present` was read
                 # cpu0 (and CPUs the firmware marks non-removable) have no
                 # `online` file; they are online for as long as the kernel runs.
@@ -299,7 +322,8 @@ class Kernel:
                     # Being ejected: the ACPI handler has unregistered the
                     # device but not yet removed its directory (seen on 6.1).
                     continue
-                raise KernelReadError(state_file, err.strerror or str(err)) from err
+                path = Path(cpu_dir, "online")
+                raise KernelReadError(path, err.strerror or str(err)) from err
             result.append(Cpu(cpu_id, online=text == "1", hotpluggable=True))
         return result
 
@@ -318,7 +342,7 @@ class Kernel:
         """The kernel's policy for hot-added memory: offline, online, online_movable..."""
         path = self._memory / "auto_online_blocks"
         try:
-            return path.read_text().strip()
+            return _read_attr(str(path)).strip()
         except FileNotFoundError:
             return "offline"  # kernels before 4.7 never auto-online
         except OSError as err:
@@ -326,15 +350,15 @@ class Kernel:
 
     def memory_block(self, index: int) -> MemoryBlock | None:
         """One block, or None when it does not exist (any more)."""
-        block_dir = self._memory / f"memory{index}"
+        block_dir = f"{self._memory_dir}/memory{index}"
         try:
-            state_text = (block_dir / "state").read_text().strip()
-            zones_text = _read_optional(block_dir / "valid_zones")
+            state_text = _read_attr(block_dir + "/state").strip()
+            zones_text = _read_optional(block_dir + "/valid_zones")
             node = next(
                 (
                     int(m.group(1))
-                    for e in os.scandir(block_dir)
-                    if (m := _NODE_NAME.fullmatch(e.name))
+                    for name in os.listdir(block_dir)
+                    if (m := _NODE_NAME.fullmatch(name))
                 ),
                 None,
             )
@@ -343,21 +367,44 @@ class Kernel:
         except OSError as err:
             if err.errno == errno.ENODEV:
                 return None  # being removed (virtio-mem unplug, DIMM eject)
-            raise KernelReadError(block_dir, err.strerror or str(err)) from err
+            raise KernelReadError(Path(block_dir), err.strerror or str(err)) from err
+        return MemoryBlock(
+            index, self._state(block_dir, state_text), tuple(zones_text.split()), node
+        )
+
+    def _state(self, block_dir: str, text: str) -> BlockState:
         try:
-            state = BlockState(state_text)
+            return BlockState(text)
         except ValueError:
-            raise KernelReadError(block_dir / "state", f"unknown state {state_text!r}") from None
-        return MemoryBlock(index, state, tuple(zones_text.split()), node)
+            raise KernelReadError(Path(block_dir, "state"), f"unknown state {text!r}") from None
+
+    def _block_indexes(self) -> list[int]:
+        try:
+            names = os.listdir(self._memory_dir)
+        except OSError as err:
+            raise KernelReadError(self._memory, err.strerror or str(err)) from err
+        return sorted(int(m.group(1)) for n in names if (m := _BLOCK_NAME.fullmatch(n)))
+
+    def memory_block_states(self) -> list[tuple[int, BlockState]]:
+        """Every block's index and state, by index: what onlining needs, without
+        the zones and nodes a full read takes. Blocks that vanish are skipped."""
+        states = []
+        for index in self._block_indexes():
+            block_dir = f"{self._memory_dir}/memory{index}"
+            try:
+                text = _read_attr(block_dir + "/state").strip()
+            except FileNotFoundError:
+                continue
+            except OSError as err:
+                if err.errno == errno.ENODEV:
+                    continue  # being removed
+                raise KernelReadError(Path(block_dir), err.strerror or str(err)) from err
+            states.append((index, self._state(block_dir, text)))
+        return states
 
     def memory_blocks(self) -> list[MemoryBlock]:
         """Every block the kernel lists, by index. Blocks that vanish meanwhile are skipped."""
-        try:
-            names = os.listdir(self._memory)
-        except OSError as err:
-            raise KernelReadError(self._memory, err.strerror or str(err)) from err
-        indexes = sorted(int(m.group(1)) for n in names if (m := _BLOCK_NAME.fullmatch(n)))
-        return [b for i in indexes if (b := self.memory_block(i)) is not None]
+        return [b for i in self._block_indexes() if (b := self.memory_block(i)) is not None]
 
     def kernel_cmdline(self) -> str:
         return self._read(self.procfs / "cmdline").strip()
@@ -381,11 +428,11 @@ class Kernel:
     def set_cpu(self, cpu_id: int, online: bool, timeout: float | None = None) -> ItemResult:
         """Online or offline one CPU."""
         action = Action.ONLINE if online else Action.OFFLINE
-        state_file = self._cpu / f"cpu{cpu_id}" / "online"
+        cpu_dir = f"{self._cpu_dir}/cpu{cpu_id}"
         try:
-            current = state_file.read_text().strip()
+            current = _read_attr(cpu_dir + "/online").strip()
         except FileNotFoundError:
-            if not (self._cpu / f"cpu{cpu_id}").exists():
+            if not os.path.exists(cpu_dir):
                 return ItemResult(
                     Kind.CPU, cpu_id, action, Outcome.NOT_FOUND, errno.ENOENT, "no such CPU"
                 )
@@ -404,6 +451,7 @@ class Kernel:
             return ItemResult(Kind.CPU, cpu_id, action, Outcome.REFUSED, code, os.strerror(code))
         if current == ("1" if online else "0"):
             return ItemResult(Kind.CPU, cpu_id, action, Outcome.ALREADY)
+        state_file = Path(cpu_dir, "online")
         return self._write(Kind.CPU, cpu_id, action, state_file, "1" if online else "0", timeout)
 
     def _block_state(self, index: int, action: Action) -> str | ItemResult:
@@ -413,9 +461,8 @@ class Kernel:
         which costs more than the check is worth, and a read that fails (the
         block going away under the agent) is a per-item result, not a raise.
         """
-        path = self._memory / f"memory{index}" / "state"
         try:
-            return path.read_text().strip()
+            return _read_attr(f"{self._memory_dir}/memory{index}/state").strip()
         except OSError as err:
             if isinstance(err, FileNotFoundError) or err.errno == errno.ENODEV:
                 return ItemResult(
@@ -462,8 +509,8 @@ class Kernel:
         return self._write(Kind.MEMORY_BLOCK, index, Action.OFFLINE, path, "offline", timeout)
 
 
-def _read_optional(path: Path) -> str:
+def _read_optional(path: str) -> str:
     try:
-        return path.read_text().strip()
+        return _read_attr(path).strip()
     except FileNotFoundError:
         return ""

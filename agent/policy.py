@@ -3,6 +3,9 @@
 Pure: `decide()` reads the recent samples, the limits, the parameters and the
 previous `PolicyState`, and returns one `Decision` per resource and the next
 state. No I/O, no clock (time is `Sample.at`), no module-level state.
+`Policy.decide()` returns exactly the same, for a caller (the daemon) that
+decides every period on a history that slides by a sample: it keeps what each
+sample says between calls instead of reading the whole history again.
 
 Grow fast, shrink slowly (docs/policy.md has the why of every number):
 
@@ -21,11 +24,16 @@ Grow fast, shrink slowly (docs/policy.md has the why of every number):
 
 from __future__ import annotations
 
+import bisect
+import collections
 import enum
+import functools
+import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple, Protocol
+from typing import Generic, Literal, NamedTuple, Protocol, TypeVar
 
 __all__ = [
     "CpuParams",
@@ -33,6 +41,7 @@ __all__ = [
     "Decisions",
     "Limits",
     "MemoryParams",
+    "Policy",
     "PolicyParams",
     "PolicyState",
     "ResourceState",
@@ -363,7 +372,7 @@ def _bad(name: str, value: object) -> str:
 class _Reading(NamedTuple):
     """What one sample says about one resource, in that resource's unit.
 
-    A NamedTuple, not a dataclass: decide() builds hundreds per call.
+    A NamedTuple, not a dataclass: decide() builds hundreds on a fresh history.
     """
 
     at: float
@@ -381,39 +390,23 @@ class _Reading(NamedTuple):
     why: str  # the signals behind `need`, for reasons; newest sample only
 
 
-def _settled(
-    ats: Sequence[float],
-    currents: Sequence[int],
-    stalled: Sequence[bool],
-    rising: Sequence[bool],
-    falling: Sequence[bool],
-    ongoing: Sequence[bool],
-    settle_seconds: float,
-) -> list[str]:
-    """Which stalls count ("" where one does, else why not): avg10 lags, so
+def _why_not(stalled: bool, rising: bool, settling: bool, falling: bool, ongoing: bool) -> str:
+    """Whether a stall counts ("" where it does, else why not): avg10 lags, so
     right after a grow it still shows the stalls the grow answered; only a
     rising avg10 is news then. Later, a falling avg10 is a stall that has
     eased (avg10 takes ~20 s to decay from a spike) and does not grow the
     guest either, unless the period itself still stalled over the threshold
     (`ongoing`, from the totals): a shortage nobody answered keeps counting
     while its avg10 drifts down."""
-    why_not = []
-    grew_at: float | None = None
-    for i, at in enumerate(ats):
-        if i and currents[i] > currents[i - 1]:
-            grew_at = at
-        settling = grew_at is not None and at - grew_at < settle_seconds
-        if not stalled[i]:
-            why_not.append("no stall")
-        elif rising[i]:
-            why_not.append("")
-        elif settling:
-            why_not.append("settling after grow")
-        elif falling[i] and not ongoing[i]:
-            why_not.append("easing")
-        else:
-            why_not.append("")
-    return why_not
+    if not stalled:
+        return "no stall"
+    if rising:
+        return ""
+    if settling:
+        return "settling after grow"
+    if falling and not ongoing:
+        return "easing"
+    return ""
 
 
 def _at_least(value: float, threshold: float) -> bool:
@@ -473,6 +466,47 @@ class _Readings:
     rows: tuple[_Reading, ...]  # samples with a usable current, oldest first
     newest: _Reading | None  # the newest sample's, when it has a usable current
     newest_bad: tuple[str, ...]  # the newest sample's broken fields
+    # Each row's measured need held over the grow window (None: no measure).
+    held: tuple[float | None, ...] = ()
+    changed: float | None = None  # when the online count last changed
+
+
+class _CpuFacts(NamedTuple):
+    """What one sample says about CPUs by itself, whatever its neighbours say."""
+
+    at: float
+    current: int  # online CPUs
+    busy: float | None
+    run_queue: int | None
+    psi: float | None
+    stalled: bool  # PSI at or over the threshold, before the settle rule
+    ongoing: bool  # the period itself stalled over the threshold (the totals)
+    util_need: int | None
+    # Every CPU busy all period and more tasks runnable than CPUs: tasks are
+    # waiting now, a measurement, not noise; avg10 shows it a second late.
+    saturated: bool
+
+
+class _MemoryFacts(NamedTuple):
+    """What one sample says about memory by itself."""
+
+    at: float
+    current: int  # online memory bytes
+    total: int | None
+    available: int | None
+    pressure: _Pressure
+    stalled: bool  # memory pressure over a threshold, before the settle rule
+    ongoing: bool
+    measured: float | None  # used + headroom, without a stall's guess
+    headroom: float
+    urgent: bool
+
+
+_Facts = TypeVar("_Facts", _CpuFacts, _MemoryFacts)
+
+# NamedTuples built from a tuple without their generated __new__ (a Python
+# call, half the cost of a reading): done once or twice per sample.
+_new = tuple.__new__
 
 
 def _cpu_bad(s: Sample) -> tuple[str, ...]:
@@ -485,57 +519,60 @@ def _cpu_bad(s: Sample) -> tuple[str, ...]:
     return tuple(_bad(name, getattr(s, name)) for name, value in checks if value is None)
 
 
-def _cpu_readings(samples: Sequence[Sample], p: CpuParams) -> _Readings:
+def _cpu_facts(s: Sample, p: CpuParams) -> _CpuFacts | None:
+    online = _whole(s.online_cpus, 1)
+    if online is None:
+        return None
+    threshold = p.psi_some_threshold_percent
+    busy, psi, run_queue = _amount(s.cpu_busy), _percent(s.cpu_some), _whole(s.run_queue)
+    saturated = (
+        busy is not None
+        and run_queue is not None
+        and busy >= _SATURATED * online
+        and run_queue > online
+    )
+    stalled = psi is not None and psi >= threshold
+    ongoing = _at_least(s.cpu_some_now, threshold)
+    util_need = _ceil(busy / p.target_utilisation_ratio) if busy is not None else None
+    # Positional: this runs for every sample read.
+    facts = (s.at, online, busy, run_queue, psi, stalled, ongoing, util_need, saturated)
+    return _new(_CpuFacts, facts)
+
+
+def _cpu_row(
+    f: _CpuFacts, before: _CpuFacts | None, settling: bool, p: CpuParams
+) -> tuple[_Reading, str]:
+    """The sample's reading given the one before it, and why a stall does not count."""
+    rising = before is not None and _rose(f.psi, before.psi)
+    falling = before is not None and _fell(f.psi, before.psi)
+    not_counted = _why_not(f.stalled, rising, settling, falling, f.ongoing)
+    stall = not not_counted
+    target = p.target_utilisation_ratio
+    need: float | None = f.util_need
+    if stall:
+        # More than we had, and room for every task the run queue holds.
+        need = max(f.current + 1, (f.util_need or 0) + 1, _ceil((f.run_queue or 0) / target))
+    elif f.saturated:
+        need = max(f.util_need or 0, _ceil((f.run_queue or 0) / target))
+    sure = stall or f.saturated
+    row = _new(_Reading, (f.at, f.current, need, need, stall, sure, f.stalled, f.psi, ""))
+    return row, not_counted
+
+
+def _cpu_why(f: _CpuFacts, row: _Reading, not_counted: str, p: CpuParams) -> str:
     target = p.target_utilisation_ratio
     threshold = p.psi_some_threshold_percent
-    last = samples[-1] if samples else None
-    parsed = []
-    for s in samples:
-        online = _whole(s.online_cpus, 1)
-        if online is not None:
-            busy, psi = _amount(s.cpu_busy), _percent(s.cpu_some)
-            parsed.append((s, online, busy, _whole(s.run_queue), psi))
-    why_not = _settled(
-        [row[0].at for row in parsed],
-        [row[1] for row in parsed],
-        [row[4] is not None and row[4] >= threshold for row in parsed],
-        [i > 0 and _rose(row[4], parsed[i - 1][4]) for i, row in enumerate(parsed)],
-        [i > 0 and _fell(row[4], parsed[i - 1][4]) for i, row in enumerate(parsed)],
-        [_at_least(row[0].cpu_some_now, threshold) for row in parsed],
-        p.psi_settle_seconds,
-    )
-    rows = []
-    for (s, online, busy, run_queue, psi), not_counted in zip(parsed, why_not, strict=True):
-        stall = not not_counted
-        util_need = _ceil(busy / target) if busy is not None else None
-        need: float | None = util_need
-        # Every CPU busy all period and more tasks runnable than CPUs: tasks
-        # are waiting now, a measurement, not noise; avg10 shows it a second late.
-        saturated = (
-            busy is not None
-            and run_queue is not None
-            and busy >= _SATURATED * online
-            and run_queue > online
-        )
-        if stall:
-            # More than we had, and room for every task the run queue holds.
-            need = max(online + 1, (util_need or 0) + 1, _ceil((run_queue or 0) / target))
-        elif saturated:
-            need = max(util_need or 0, _ceil((run_queue or 0) / target))
-        parts = []
-        if s is last and busy is not None:
-            part = f"busy {busy:.1f}/{online} ({busy / online:.0%})"
-            parts.append(part + (f" > {target:.0%}" if busy > target * online else ""))
-        if s is last and psi is not None and psi >= threshold:
-            settling = "" if stall else f" ({not_counted})"
-            parts.append(f"psi some {psi:.1f}% > {threshold:g}%{settling}")
-        if s is last and (stall or saturated) and run_queue is not None and run_queue > online:
-            parts.append(f"run queue {run_queue}")
-        urgent = psi is not None and psi >= threshold
-        sure = stall or saturated
-        rows.append(_Reading(s.at, online, need, need, stall, sure, urgent, psi, ", ".join(parts)))
-    newest = rows[-1] if parsed and parsed[-1][0] is last else None
-    return _Readings(tuple(rows), newest, _cpu_bad(last) if last is not None else ())
+    busy, online, psi, run_queue = f.busy, f.current, f.psi, f.run_queue
+    parts = []
+    if busy is not None:
+        part = f"busy {busy:.1f}/{online} ({busy / online:.0%})"
+        parts.append(part + (f" > {target:.0%}" if busy > target * online else ""))
+    if psi is not None and psi >= threshold:
+        settling = "" if row.stall else f" ({not_counted})"
+        parts.append(f"psi some {psi:.1f}% > {threshold:g}%{settling}")
+    if (row.stall or f.saturated) and run_queue is not None and run_queue > online:
+        parts.append(f"run queue {run_queue}")
+    return ", ".join(parts)
 
 
 def _memory_bad(s: Sample) -> tuple[str, ...]:
@@ -555,102 +592,255 @@ def _memory_bad(s: Sample) -> tuple[str, ...]:
     return tuple(bad)
 
 
-def _memory_readings(samples: Sequence[Sample], block: int, p: MemoryParams) -> _Readings:
-    share = p.headroom_percent / 100
-    some_limit = p.psi_some_threshold_percent
-    full_limit = p.psi_full_threshold_percent
-    swap_limit = p.swap_in_threshold_pages_per_second
-    last = samples[-1] if samples else None
-    parsed: list[tuple[Sample, int, int | None, int | None, _Pressure]] = []
-    for s in samples:
-        total = _whole(s.memory_total, 1)
-        available = _whole(s.memory_available)
-        if total is not None and available is not None and available > total:
-            available = None
-        current = _whole(s.memory_online) or (
-            _round_up(total, block) if total is not None else None
-        )
-        if current is not None:
-            pressure = (_percent(s.memory_some), _percent(s.memory_full), _amount(s.swap_in_per_s))
-            parsed.append((s, current, total, available, pressure))
-
-    def stalled(pressure: _Pressure) -> bool:
-        some, full, swap_in = pressure
-        return (
-            (some is not None and some >= some_limit)
-            or (full is not None and full >= full_limit)
-            or (swap_in is not None and swap_in >= swap_limit)
-        )
-
-    why_not = _settled(
-        [row[0].at for row in parsed],
-        [row[1] for row in parsed],
-        [stalled(row[4]) for row in parsed],
-        [i > 0 and any(map(_rose, row[4], parsed[i - 1][4])) for i, row in enumerate(parsed)],
-        # Eased: both avg10s fell and swap-in (a rate, not an average) is quiet.
-        [
-            i > 0
-            and all(map(_fell, row[4][:2], parsed[i - 1][4][:2]))
-            and not (row[4][2] is not None and row[4][2] >= swap_limit)
-            for i, row in enumerate(parsed)
-        ],
-        [
-            _at_least(row[0].memory_some_now, some_limit)
-            or _at_least(row[0].memory_full_now, full_limit)
-            for row in parsed
-        ],
-        p.psi_settle_seconds,
+def _memory_facts(s: Sample, block: int, p: MemoryParams) -> _MemoryFacts | None:
+    total = _whole(s.memory_total, 1)
+    available = _whole(s.memory_available)
+    if total is not None and available is not None and available > total:
+        available = None
+    current = _whole(s.memory_online) or (_round_up(total, block) if total is not None else None)
+    if current is None:
+        return None
+    some_limit, full_limit = p.psi_some_threshold_percent, p.psi_full_threshold_percent
+    some, full, swap_in = _percent(s.memory_some), _percent(s.memory_full), _amount(s.swap_in_per_s)
+    stalled = (
+        (some is not None and some >= some_limit)
+        or (full is not None and full >= full_limit)
+        or (swap_in is not None and swap_in >= p.swap_in_threshold_pages_per_second)
     )
-    rows = []
-    for (s, current, total, available, pressure), not_counted in zip(parsed, why_not, strict=True):
-        stall = not not_counted
-        some, full, swap_in = pressure
-        need: float | None = None
-        urgent = (some is not None and some >= some_limit) or (
-            full is not None and full >= full_limit
-        )
-        headroom = 0.0
-        if total is not None and available is not None:
-            used = total - available
-            # Blocks hold more than MemTotal shows (kernel, memmap): keep that.
-            overhead = max(0, current - total)
-            # Headroom counts against the total the target will give:
-            # target - overhead - used >= share * (target - overhead).
-            need = overhead + max(used + p.headroom_min_bytes, used / (1 - share))
-            headroom = max(p.headroom_min_bytes, share * total)
-            urgent = urgent or available < p.urgent_headroom_ratio * headroom
-        measured = need
-        if stall:
-            # How much more a stall wants is not measurable (MemAvailable is
-            # gone): grow by a share that rises with the square of how far
-            # pressure is over its threshold (senpai's rule), at most double.
-            # Just over the threshold buys little; thrashing buys a lot at once.
-            # (PSI full is at most some: some alone measures how far over.)
-            severity = max((some or 0) / some_limit, (swap_in or 0) / swap_limit, 1.0)
-            grow = min(1.0, p.stall_grow_ratio * severity**2)
-            need = max(need or 0, current + max(block, grow * current))
-        parts = []
-        if s is last and total is not None and available is not None:
-            if available < headroom:
-                parts.append(f"available {_fmt_bytes(available)} < headroom {_fmt_bytes(headroom)}")
-            else:
-                parts.append(f"available {_fmt_bytes(available)} of {_fmt_bytes(total)}")
-        if s is last and some is not None and some >= some_limit:
-            parts.append(f"psi some {some:.1f}% > {some_limit:g}%")
-        if s is last and full is not None and full >= full_limit:
-            parts.append(f"psi full {full:.1f}% > {full_limit:g}%")
-        if s is last and swap_in is not None and swap_in >= swap_limit:
-            parts.append(f"swap-in {swap_in:.0f}/s > {swap_limit:g}/s")
-        if s is last and stalled(pressure) and not stall:
-            parts.append(f"({not_counted})")
-        rows.append(
-            _Reading(s.at, current, need, measured, stall, stall, urgent, some, ", ".join(parts))
-        )
-    newest = rows[-1] if parsed and parsed[-1][0] is last else None
-    return _Readings(tuple(rows), newest, _memory_bad(last) if last is not None else ())
+    urgent = (some is not None and some >= some_limit) or (full is not None and full >= full_limit)
+    need: float | None = None
+    headroom = 0.0
+    if total is not None and available is not None:
+        share = p.headroom_percent / 100
+        used = total - available
+        # Blocks hold more than MemTotal shows (kernel, memmap): keep that.
+        overhead = max(0, current - total)
+        # Headroom counts against the total the target will give:
+        # target - overhead - used >= share * (target - overhead).
+        need = overhead + max(used + p.headroom_min_bytes, used / (1 - share))
+        headroom = max(p.headroom_min_bytes, share * total)
+        urgent = urgent or available < p.urgent_headroom_ratio * headroom
+    ongoing = _at_least(s.memory_some_now, some_limit) or _at_least(s.memory_full_now, full_limit)
+    pressure = (some, full, swap_in)
+    facts = (s.at, current, total, available, pressure, stalled, ongoing, need, headroom, urgent)
+    return _new(_MemoryFacts, facts)
+
+
+def _memory_row(
+    f: _MemoryFacts, before: _MemoryFacts | None, settling: bool, block: int, p: MemoryParams
+) -> tuple[_Reading, str]:
+    swap_limit = p.swap_in_threshold_pages_per_second
+    some, _, swap_in = f.pressure
+    rising = before is not None and any(map(_rose, f.pressure, before.pressure))
+    # Eased: both avg10s fell and swap-in (a rate, not an average) is quiet.
+    falling = (
+        before is not None
+        and all(map(_fell, f.pressure[:2], before.pressure[:2]))
+        and not (swap_in is not None and swap_in >= swap_limit)
+    )
+    not_counted = _why_not(f.stalled, rising, settling, falling, f.ongoing)
+    stall = not not_counted
+    need = f.measured
+    if stall:
+        # How much more a stall wants is not measurable (MemAvailable is
+        # gone): grow by a share that rises with the square of how far
+        # pressure is over its threshold (senpai's rule), at most double.
+        # Just over the threshold buys little; thrashing buys a lot at once.
+        # (PSI full is at most some: some alone measures how far over.)
+        severity = max((some or 0) / p.psi_some_threshold_percent, (swap_in or 0) / swap_limit, 1.0)
+        grow = min(1.0, p.stall_grow_ratio * severity**2)
+        need = max(need or 0, f.current + max(block, grow * f.current))
+    row = _new(_Reading, (f.at, f.current, need, f.measured, stall, stall, f.urgent, some, ""))
+    return row, not_counted
+
+
+def _memory_why(f: _MemoryFacts, row: _Reading, not_counted: str, p: MemoryParams) -> str:
+    some_limit, full_limit = p.psi_some_threshold_percent, p.psi_full_threshold_percent
+    swap_limit = p.swap_in_threshold_pages_per_second
+    some, full, swap_in = f.pressure
+    parts = []
+    if f.total is not None and f.available is not None:
+        if f.available < f.headroom:
+            parts.append(f"available {_fmt_bytes(f.available)} < headroom {_fmt_bytes(f.headroom)}")
+        else:
+            parts.append(f"available {_fmt_bytes(f.available)} of {_fmt_bytes(f.total)}")
+    if some is not None and some >= some_limit:
+        parts.append(f"psi some {some:.1f}% > {some_limit:g}%")
+    if full is not None and full >= full_limit:
+        parts.append(f"psi full {full:.1f}% > {full_limit:g}%")
+    if swap_in is not None and swap_in >= swap_limit:
+        parts.append(f"swap-in {swap_in:.0f}/s > {swap_limit:g}/s")
+    if f.stalled and not row.stall:
+        parts.append(f"({not_counted})")
+    return ", ".join(parts)
+
+
+class _Memo(Generic[_Facts]):
+    """One resource's readings of the last history, kept for the next call.
+
+    A sample's facts depend on the sample alone, and its reading only on the
+    sample, the usable sample before it and whether a grow settles it (the
+    latest rise of the online count within the history). So a history that
+    slides (the oldest samples gone, new ones appended) keeps every reading
+    but the new ones and the oldest few: the first lost its predecessor, and
+    those after it a rise that left the history. The same holds for each
+    reading's need held over the grow window, which the shrink side reads.
+    Any other history is read afresh.
+    """
+
+    def __init__(
+        self,
+        facts: Callable[[Sample], _Facts | None],
+        row: Callable[[_Facts, _Facts | None, bool], tuple[_Reading, str]],
+        why: Callable[[_Facts, _Reading, str], str],
+        bad: Callable[[Sample], tuple[str, ...]],
+        p: _Common,
+    ) -> None:
+        self._facts_of: Callable[[Sample], _Facts | None] = facts
+        self._row_of: Callable[[_Facts, _Facts | None, bool], tuple[_Reading, str]] = row
+        self._why_of: Callable[[_Facts, _Reading, str], str] = why
+        self._bad = bad
+        self._settle = p.psi_settle_seconds
+        self._grow = p.grow_window_seconds
+        # The history read last, and each sample's facts (None: no usable current).
+        self._timed: list[Sample] = []
+        self._facts: list[_Facts | None] = []
+        # One entry per sample with facts: its reading, the facts (for the next
+        # sample's reading), why a stall did not count, the latest rise of the
+        # online count up to it, whether that rise settled it, and its
+        # measured need held over the grow window (see _sustained_peak).
+        self._rows: list[_Reading] = []
+        self._row_facts: list[_Facts] = []
+        self._why_not: list[str] = []
+        self._grew_at: list[float | None] = []
+        self._settling: list[bool] = []
+        self._held: list[float | None] = []
+        # Where the online count changed, by reading number (the first
+        # reading is number `_first`).
+        self._first = 0
+        self._changes: collections.deque[int] = collections.deque()
+
+    def readings(self, timed: list[Sample]) -> _Readings:
+        kept = self._kept(timed)
+        if kept is None:
+            self._timed, self._facts, self._rows, self._row_facts = [], [], [], []
+            self._why_not, self._grew_at, self._settling, self._held = [], [], [], []
+            self._first, self._changes = 0, collections.deque()
+            kept = 0
+        for s in itertools.islice(timed, kept, None):
+            self._append(s)
+        if not timed:
+            return _Readings((), None, ())
+        newest = None
+        rows = self._rows.copy()
+        if self._facts[-1] is not None:
+            # Only the newest sample's reading carries the why (its reason).
+            why = self._why_of(self._row_facts[-1], rows[-1], self._why_not[-1])
+            newest = rows[-1] = rows[-1]._replace(why=why)
+        changed = rows[self._changes[-1] - self._first].at if self._changes else None
+        return _Readings(tuple(rows), newest, self._bad(timed[-1]), tuple(self._held), changed)
+
+    def _kept(self, timed: list[Sample]) -> int | None:
+        """How many of `timed` the last history ends with, or None when it
+        does not slide into `timed`; forgets what left the history."""
+        old = self._timed
+        if not old or not timed:
+            return None
+        gone = 0
+        while gone < len(old) and old[gone] is not timed[0]:
+            gone += 1
+        kept = len(old) - gone
+        if kept == 0 or kept > len(timed):
+            return None
+        if not all(map(operator.is_, itertools.islice(old, gone, None), timed)):
+            return None
+        if gone:
+            lost = gone - self._facts[:gone].count(None)  # readings among them
+            del old[:gone], self._facts[:gone]
+            if lost:
+                del self._rows[:lost], self._row_facts[:lost], self._why_not[:lost]
+                del self._grew_at[:lost], self._settling[:lost], self._held[:lost]
+                self._first += lost
+                # A change at the first reading is not one: nothing before it.
+                while self._changes and self._changes[0] <= self._first:
+                    self._changes.popleft()
+                if self._rows:
+                    self._refresh_front()
+        return kept
+
+    def _refresh_front(self) -> None:
+        """Redo what the oldest samples' departure changed."""
+        facts, grew_at, settling = self._row_facts, self._grew_at, self._settling
+        rise: float | None = None
+        redone = 0  # the last reading redone
+        for i, f in enumerate(facts):
+            if i and f.current > facts[i - 1].current:
+                rise = f.at
+            now_settling = rise is not None and f.at - rise < self._settle
+            if i and rise == grew_at[i] and now_settling == settling[i]:
+                break  # from here on, the same readings as before
+            grew_at[i] = rise
+            if not i or now_settling != settling[i]:
+                before = facts[i - 1] if i else None
+                self._rows[i], self._why_not[i] = self._row_of(f, before, now_settling)
+                settling[i] = now_settling
+                redone = i
+        # A held need reaching back to a redone reading (or to the departed
+        # ones, which lie before it) is held again.
+        edge = self._rows[redone].at
+        for i, r in enumerate(self._rows):
+            if not r.at - self._grow < edge:
+                break
+            self._held[i] = self._hold(i)
+
+    def _append(self, s: Sample) -> None:
+        f = self._facts_of(s)
+        self._timed.append(s)
+        self._facts.append(f)
+        if f is None:
+            return
+        rows = self._rows
+        before, rise = None, None
+        if rows:
+            before, rise = self._row_facts[-1], self._grew_at[-1]
+            if f.current != before.current:
+                if f.current > before.current:
+                    rise = f.at
+                self._changes.append(self._first + len(rows))
+        # avg10 still shows the stalls a grow answered for a while after it.
+        now_settling = rise is not None and f.at - rise < self._settle
+        row, not_counted = self._row_of(f, before, now_settling)
+        rows.append(row)
+        self._row_facts.append(f)
+        self._why_not.append(not_counted)
+        self._grew_at.append(rise)
+        self._settling.append(now_settling)
+        held = row.measured
+        if held is not None and self._grow:
+            held = self._hold(len(rows) - 1)
+        self._held.append(held)
+
+    def _hold(self, i: int) -> float | None:
+        """Reading i's measured need, or a smaller one measured within the
+        grow window before it (the latest of equal ones): what held that long."""
+        rows = self._rows
+        held = rows[i].measured
+        if held is None:
+            return None
+        edge = rows[i].at - self._grow
+        for j in range(i - 1, -1, -1):
+            need = rows[j].measured
+            if need is None:
+                continue
+            if not rows[j].at > edge:
+                break
+            held = min(held, need)
+        return held
 
 
 # --- the common core ----------------------------------------------------------
+
+_AT = operator.attrgetter("at")
 
 
 def _account(
@@ -661,9 +851,14 @@ def _account(
     cap = p.burst_credit_max_seconds * span
     credits = min(max(state.credits, 0.0), cap)
     last = state.accounted_at
-    if rows and last is not None and rows[-1].at < last:
-        last = None  # the clock went back (a new boot): count afresh
-    for r in rows:
+    start = 0
+    if rows and last is not None:
+        if rows[-1].at < last:
+            last = None  # the clock went back (a new boot): count afresh
+        else:
+            # Rows are oldest first: those already counted are a prefix.
+            start = bisect.bisect_right(rows, last, key=_AT)
+    for r in itertools.islice(rows, start, None):
         if last is not None:
             if r.at <= last:
                 continue
@@ -677,7 +872,12 @@ def _account(
     return ResourceState(credits=credits, accounted_at=last)
 
 
-def _shrink_blocker(rows: Sequence[_Reading], since: float, now: float, p: _Common) -> str:
+def _tail(rows: Sequence[_Reading], after: float) -> Sequence[_Reading]:
+    """The rows later than `after`: a suffix, rows being oldest first."""
+    return rows[bisect.bisect_right(rows, after, key=_AT) :]
+
+
+def _shrink_blocker(readings: _Readings, since: float, now: float, p: _Common) -> str:
     """Why a shrink must wait, or "" when it may go ahead.
 
     `since` is the oldest sample with information: broken samples do not
@@ -687,17 +887,14 @@ def _shrink_blocker(rows: Sequence[_Reading], since: float, now: float, p: _Comm
     history = now - since
     if history < window:
         return f"only {history:.0f} s of usable history < {window:g} s window"
-    changed = next(
-        (rows[i].at for i in range(len(rows) - 1, 0, -1) if rows[i].current != rows[i - 1].current),
-        None,
-    )
+    changed = readings.changed
     if changed is not None and now - changed < p.shrink_interval_seconds:
         return f"last change {now - changed:.0f} s ago < {p.shrink_interval_seconds:g} s"
     # Quiet for one interval is enough: the window's peak need already holds
     # what the stalls asked for, and the interval is how long a step's own
     # effect takes to show in avg10.
     quiet = p.shrink_interval_seconds
-    pressures = [r.psi_some for r in rows if r.at > now - quiet and r.psi_some is not None]
+    pressures = [r.psi_some for r in _tail(readings.rows, now - quiet) if r.psi_some is not None]
     if pressures and max(pressures) >= p.shrink_hold_psi_some_percent:
         return (
             f"psi some {max(pressures):.1f}% >= {p.shrink_hold_psi_some_percent:g}%"
@@ -706,24 +903,19 @@ def _shrink_blocker(rows: Sequence[_Reading], since: float, now: float, p: _Comm
     return ""
 
 
-def _sustained_peak(rows: Sequence[_Reading], since: float, grow_window: float) -> float:
+def _sustained_peak(readings: _Readings, since: float) -> float:
     """The largest measured need after `since` that held for the grow window.
 
     That is the largest size the grow rule would have asked for: shrinking
     below it would be undone by the next such sample (a flap), while one
     noisy sample above it never bought a grow and does not hold a shrink.
     """
-    measured = [(r.at, r.measured) for r in rows if r.measured is not None]
-    peak = 0.0
-    for i, (at, need) in enumerate(measured):
-        if at <= since and i < len(measured) - 1:
-            continue
-        held, j = need, i - 1
-        while j >= 0 and measured[j][0] > at - grow_window:
-            held = min(held, measured[j][1])
-            j -= 1
-        peak = max(peak, held)
-    return peak
+    start = bisect.bisect_right(readings.rows, since, key=_AT)
+    held = [need for need in readings.held[start:] if need is not None]
+    if not held:
+        # The newest measure counts whatever its age.
+        held = [next((need for need in reversed(readings.held) if need is not None), 0.0)]
+    return max(0.0, *held)
 
 
 def _decide_resource(
@@ -771,30 +963,32 @@ def _decide_resource(
         urgent = False
     else:
         now, current, urgent = newest.at, newest.current, newest.urgent
-        known = [(r, r.need) for r in rows if r.need is not None]
-        up = [(r, need) for r, need in known if r is newest or r.at > now - p.grow_window_seconds]
+        # Rows are oldest first and the newest is the last: the grow window
+        # is a suffix, and the newest counts whatever its age.
+        oldest_known = next(r for r in rows if r.need is not None)
+        recent = bisect.bisect_right(rows, now - p.grow_window_seconds, 0, len(rows) - 1, key=_AT)
+        up = [(r, r.need) for r in rows[recent:] if r.need is not None]
         up_need = min(need for _, need in up)
         # A stall grows at once; utilisation and headroom must hold over the
         # grow window (HPA's scale-up stabilization).
         immediate = newest.sure and newest.need > up_need
         grow_to = _round_up(newest.need if immediate else up_need, unit)
         window = p.shrink_window_seconds
-        shrink_to = _round_up(_sustained_peak(rows, now - window, p.grow_window_seconds), unit)
         # One sample alone is not "over target for a while": at start, wait
         # for a second before growing on utilisation or headroom.
-        lone = len(known) == 1 and p.grow_window_seconds > 0 and not immediate
+        lone = oldest_known is newest and p.grow_window_seconds > 0 and not immediate
         if grow_to > current and lone:
             desired = current
             parts.append(f"{newest.why}; need {fmt(grow_to)}, waiting for a second sample")
         elif grow_to > current:
             desired = grow_to
             span_note = ""
-            before = [r.at for r in rows if r.at < up[0][0].at]
+            before = bisect.bisect_left(rows, up[0][0].at, key=_AT)  # rows before the window
             if not immediate and p.grow_window_seconds > 0 and before:
-                span_note = f" for {now - before[-1]:.0f} s"
+                span_note = f" for {now - rows[before - 1].at:.0f} s"
             parts.append(f"{newest.why}{span_note}: need {fmt(grow_to)}")
-        elif shrink_to < current:
-            blocker = _shrink_blocker(rows, known[0][0].at, now, p)
+        elif (shrink_to := _round_up(_sustained_peak(readings, now - window), unit)) < current:
+            blocker = _shrink_blocker(readings, oldest_known.at, now, p)
             if blocker:
                 desired = current
                 parts.append(f"{newest.why}; would shrink to {fmt(shrink_to)} but {blocker}")
@@ -845,6 +1039,120 @@ def _decide_resource(
 # --- entry point --------------------------------------------------------------
 
 
+class Policy:
+    """decide() for a caller that calls it again and again on a sliding history.
+
+    The result is exactly decide()'s (tests/test_policy.py checks it on random
+    histories); what one sample says is worked out once, not once per call,
+    which matters at a sensing period of a second and a window of minutes.
+    It remembers only the samples of the last call's history, and forgets
+    them all when the parameters or the block size change.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[PolicyParams, int] | None = None
+        self._cpu: _Memo[_CpuFacts] | None = None
+        self._memory: _Memo[_MemoryFacts] | None = None
+        # The last call's samples when every one had a usable time, in order.
+        self._ordered: list[Sample] = []
+
+    def _timed(self, samples: Sequence[Sample]) -> list[Sample]:
+        """The samples with a usable time, by time (ties in their given order)."""
+        old, new = self._ordered, list(samples)
+        gone = 0
+        if old and new:
+            while gone < len(old) and old[gone] is not new[0]:
+                gone += 1
+        kept = len(old) - gone
+        if (
+            0 < kept <= len(new)
+            and all(map(operator.is_, itertools.islice(old, gone, None), new))
+            and all(_amount(s.at) is not None for s in itertools.islice(new, kept, None))
+            and all(map(operator.le, [s.at for s in new[kept - 1 :]], [s.at for s in new[kept:]]))
+        ):
+            # The daemon's case: the same samples, the oldest gone, newer ones
+            # appended in order. They are in order already.
+            self._ordered = new
+            return new
+        timed = sorted((s for s in new if _amount(s.at) is not None), key=_AT)
+        in_order = len(timed) == len(new) and all(map(operator.is_, timed, new))
+        self._ordered = new if in_order else []
+        return timed
+
+    def _memos(
+        self, params: PolicyParams, block: int
+    ) -> tuple[_Memo[_CpuFacts], _Memo[_MemoryFacts]]:
+        if (
+            self._cpu is None
+            or self._memory is None
+            or self._key is None
+            or self._key[0] is not params
+            or self._key[1] != block
+        ):
+            cpu, memory = params.cpu, params.memory
+            # partial, not lambda: called for every sample, one frame fewer.
+            self._cpu = _Memo(
+                functools.partial(_cpu_facts, p=cpu),
+                functools.partial(_cpu_row, p=cpu),
+                functools.partial(_cpu_why, p=cpu),
+                _cpu_bad,
+                cpu,
+            )
+            self._memory = _Memo(
+                functools.partial(_memory_facts, block=block, p=memory),
+                functools.partial(_memory_row, block=block, p=memory),
+                functools.partial(_memory_why, p=memory),
+                _memory_bad,
+                memory,
+            )
+            self._key = (params, block)
+        return self._cpu, self._memory
+
+    def decide(
+        self,
+        samples: Sequence[Sample],
+        cpu_limits: Limits,
+        memory_limits: Limits,
+        block_size: int,
+        params: PolicyParams,
+        state: PolicyState,
+    ) -> tuple[Decisions, PolicyState]:
+        """As decide() (its docstring says what this returns)."""
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
+            raise ValueError(f"block_size: must be a positive integer, got {block_size!r}")
+        cpu_memo, memory_memo = self._memos(params, block_size)
+        timed = self._timed(samples)
+        if timed:
+            since = timed[-1].at - params.history_seconds
+            timed = timed[bisect.bisect_left(timed, since, key=_AT) :]
+        cpu = cpu_memo.readings(timed)
+        memory = memory_memo.readings(timed)
+        if not samples:
+            cpu = memory = _Readings((), None, ("no samples",))
+        elif _amount(samples[-1].at) is None:
+            # A newest sample without a usable time is no information: hold.
+            bad = (_bad("at", samples[-1].at),)
+            cpu = _Readings(cpu.rows, None, bad)
+            memory = _Readings(memory.rows, None, bad)
+        cpu_decision, cpu_state = _decide_resource(
+            "cpu", cpu, cpu_limits, 1, params.cpu, state.cpu, _fmt_cpus, _fmt_cpu_seconds
+        )
+        memory_decision, memory_state = _decide_resource(
+            "memory",
+            memory,
+            memory_limits,
+            block_size,
+            params.memory,
+            state.memory,
+            _fmt_bytes,
+            _fmt_byte_seconds,
+        )
+        return (
+            Decisions(cpu=cpu_decision, memory=memory_decision),
+            PolicyState(cpu=cpu_state, memory=memory_state),
+        )
+
+
 def decide(
     samples: Sequence[Sample],
     cpu_limits: Limits,
@@ -860,35 +1168,4 @@ def decide(
     nothing about a resource, that resource holds (within its limits).
     Raises ValueError only for a block_size that is not a positive integer.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0:
-        raise ValueError(f"block_size: must be a positive integer, got {block_size!r}")
-    timed = sorted((s for s in samples if _amount(s.at) is not None), key=lambda s: s.at)
-    if timed:
-        since = timed[-1].at - params.history_seconds
-        timed = [s for s in timed if s.at >= since]
-    cpu = _cpu_readings(timed, params.cpu)
-    memory = _memory_readings(timed, block_size, params.memory)
-    if not samples:
-        cpu = memory = _Readings((), None, ("no samples",))
-    elif _amount(samples[-1].at) is None:
-        # A newest sample without a usable time is no information: hold.
-        bad = (_bad("at", samples[-1].at),)
-        cpu = _Readings(cpu.rows, None, bad)
-        memory = _Readings(memory.rows, None, bad)
-    cpu_decision, cpu_state = _decide_resource(
-        "cpu", cpu, cpu_limits, 1, params.cpu, state.cpu, _fmt_cpus, _fmt_cpu_seconds
-    )
-    memory_decision, memory_state = _decide_resource(
-        "memory",
-        memory,
-        memory_limits,
-        block_size,
-        params.memory,
-        state.memory,
-        _fmt_bytes,
-        _fmt_byte_seconds,
-    )
-    return (
-        Decisions(cpu=cpu_decision, memory=memory_decision),
-        PolicyState(cpu=cpu_state, memory=memory_state),
-    )
+    return Policy().decide(samples, cpu_limits, memory_limits, block_size, params, state)

@@ -3,6 +3,7 @@ they never rot. No timing is asserted: only that each measures what it says."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -37,6 +38,27 @@ def test_footprint_quick(tmp_path: Path) -> None:
     rss = re.search(r"\| RSS, MiB \(per-window peak\) \| ([0-9.]+) \|", text)
     assert cpu and rss, text
     assert float(rss[1]) > 5  # a Python process with grpc loaded, really measured
+
+
+@pytest.mark.timeout(120)
+def test_throughput_on_a_simulated_guest(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
+    done = subprocess.run(
+        [sys.executable, "bench/guest_throughput.py", "--fake", "--reps", "2", "--out", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=100,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    # Both loops onlined all 7 standby CPUs and 16 blocks, each repetition.
+    for run in result["runs"]:
+        assert (run["bare_cpus"], run["agent_cpus"], run["bare_blocks"]) == (7, 7, 16)
+    assert "us/item" in done.stdout
 
 
 @pytest.mark.vm

@@ -23,6 +23,7 @@ from agent.policy import (
     Decisions,
     Limits,
     MemoryParams,
+    Policy,
     PolicyParams,
     PolicyState,
     ResourceState,
@@ -787,6 +788,116 @@ def test_any_input_gives_a_decision_within_limits(
     assert 1 * GiB <= decisions.memory.target <= 12 * GiB
     assert decisions.memory.target % BLOCK == 0
     assert "\n" not in decisions.cpu.reason + decisions.memory.reason
+
+
+# --- the daemon's incremental decide ------------------------------------------
+
+# Mostly plausible values, sometimes junk: the memo must forget and redo alike.
+_junk = st.sampled_from([math.nan, math.inf, -1.0, True, 2**60])
+
+
+def _field(low: float, high: float, *, integer: bool = False) -> st.SearchStrategy[Any]:
+    plain = st.integers(int(low), int(high)) if integer else st.floats(low, high)
+    return st.one_of(plain, plain, plain, plain, _junk)
+
+
+_sample_fields = st.fixed_dictionaries(
+    {
+        "cpu_busy": _field(0, 6),
+        "online_cpus": _field(1, 6, integer=True),
+        "run_queue": _field(0, 12, integer=True),
+        "cpu_some": _field(0, 40),
+        "memory_some": _field(0, 30),
+        "memory_full": _field(0, 10),
+        "memory_total": _field(1 * GiB, 4 * GiB, integer=True),
+        "memory_available": _field(0, 4 * GiB, integer=True),
+        "swap_in_per_s": _field(0, 3000),
+        "memory_online": _field(0, 4 * GiB, integer=True),
+        "cpu_some_now": _field(0, 40),
+        "memory_some_now": _field(0, 30),
+    }
+)
+# Short windows, so a few dozen samples slide through several of them.
+_window_params = st.builds(
+    lambda grow, shrink, settle, memory_grow: PolicyParams(
+        cpu=CpuParams(
+            grow_window_seconds=grow,
+            shrink_window_seconds=shrink,
+            shrink_interval_seconds=2.0,
+            psi_settle_seconds=settle,
+        ),
+        memory=MemoryParams(
+            grow_window_seconds=memory_grow,
+            shrink_window_seconds=shrink,
+            shrink_interval_seconds=2.0,
+            psi_settle_seconds=settle,
+        ),
+    ),
+    st.sampled_from([0.0, 0.5, 2.0, 3.0]),
+    st.sampled_from([2.0, 5.0, 10.0]),
+    st.sampled_from([0.0, 1.0, 3.0, 10.0]),
+    st.sampled_from([0.0, 2.5]),
+)
+
+
+def _kept(engine: Policy) -> list[tuple[object, ...]]:
+    """What a Policy keeps of its last history: each resource's readings, the
+    needs they held and when the online count changed."""
+    kept: list[tuple[object, ...]] = []
+    for memo in (engine._cpu, engine._memory):
+        assert memo is not None
+        changes = [memo._rows[i - memo._first].at for i in memo._changes]
+        kept.append((memo._rows, memo._held, changes, memo._why_not))
+    return kept
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([1.0, 1.0, 1.0, 0.5, 0.0, 2.5, -3.0, math.nan]), _sample_fields),
+        min_size=1,
+        max_size=60,
+    ),
+    _window_params,
+    st.integers(1, 30),
+    st.sampled_from([1, 1, 3]),
+)
+def test_incremental_decide_equals_a_fresh_one(
+    rows: list[tuple[float, dict[str, Any]]], params: PolicyParams, keep: int, step: int
+) -> None:
+    """Policy.decide() on a sliding history (as the daemon calls it) is exactly
+    decide() on that history, whatever the samples: clocks that stall, go back
+    or are NaN, junk fields, a sample repeated, the online count moving."""
+    at, samples = 0.0, []
+    for dt, fields in rows:
+        at += 0.0 if math.isnan(dt) else dt
+        samples.append(Sample(at=math.nan if math.isnan(dt) else at, **fields))
+    if len(samples) > 3:
+        samples.insert(3, samples[1])  # the same object twice
+    engine, state = Policy(), PolicyState()
+    cpu_limits, memory_limits = Limits(1, 4, 6), Limits(1 * GiB, 3 * GiB, 4 * GiB)
+    for end in range(1, len(samples) + 1, step):
+        window = samples[max(0, end - keep) : end]
+        anew = Policy()
+        fresh = anew.decide(window, cpu_limits, memory_limits, BLOCK, params, state)
+        assert fresh == decide(window, cpu_limits, memory_limits, BLOCK, params, state)
+        incremental = engine.decide(window, cpu_limits, memory_limits, BLOCK, params, state)
+        assert incremental == fresh
+        # A decision shows little of the history (a reading counts only as the
+        # peak, the oldest or the newest): what is kept must match too.
+        assert _kept(engine) == _kept(anew)
+        (ours, state), (theirs, _) = incremental, fresh
+        assert type(ours.cpu.target) is type(theirs.cpu.target)
+        assert type(ours.memory.target) is type(theirs.memory.target)
+
+
+def test_incremental_decide_forgets_on_new_parameters() -> None:
+    engine, samples = Policy(), history(120, cpu_busy=3.5)
+    engine.decide(samples, CPU_LIMITS, MEMORY_LIMITS, BLOCK, PARAMS, PolicyState())
+    eager = PolicyParams(cpu=CpuParams(target_utilisation_ratio=0.5))
+    decisions, _ = engine.decide(samples, CPU_LIMITS, MEMORY_LIMITS, BLOCK, eager, PolicyState())
+    assert decisions == decide_one(samples, params=eager)
+    assert decisions.cpu.target == 7  # 3.5 busy at 50 %
 
 
 # --- parameters and types ---------------------------------------------------------
