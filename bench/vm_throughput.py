@@ -1,9 +1,9 @@
 """Onlining throughput on a real VM: the agent's code against a bare loop of
 sysfs writes, in the same guest.
 
-    PYTHONPATH=tests .venv/bin/python -m bench.vm_throughput [--reps 7] [--quick]
+    PYTHONPATH=tests .venv/bin/python -m bench.vm_throughput [--reps 11] [--quick]
 
-Boots a guest with three offline CPUs (four vCPUs, `maxcpus=1`) and a 1 GiB
+Boots a guest with seven offline CPUs (eight vCPUs, `maxcpus=1`) and a 2 GiB
 pc-dimm left offline (`memhp_default_state=offline`), and runs
 `bench/guest_throughput.py` in it: each repetition onlines them with a bare
 loop of writes and with the agent's `Actuator`, alternating which goes first.
@@ -31,12 +31,12 @@ from bench.machine import describe_machine
 REPO = Path(__file__).resolve().parents[1]
 GiB = 1 << 30
 OPTIONS = VMOptions(
-    cpus=4,
-    maxcpus=4,
+    cpus=8,
+    maxcpus=8,
     memory="1G",
     kernel_args=("maxcpus=1", "memhp_default_state=offline"),
     extra_args=(
-        "-object", "memory-backend-ram,id=bench-ram,size=1G",
+        "-object", "memory-backend-ram,id=bench-ram,size=2G",
         "-device", "pc-dimm,id=bench-dimm,memdev=bench-ram",
     ),
 )  # fmt: skip
@@ -96,8 +96,8 @@ def report(result: dict[str, object], s: dict[str, float], reps: int, command: s
             f"- Command: `{command}`",
             f"- Machine: {describe_machine()}",
             f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-            "- Guest: Debian 12 kernel under QEMU TCG; 3 offline CPUs (4 vCPUs, `maxcpus=1`)",
-            "  and a 1 GiB pc-dimm left offline (`memhp_default_state=offline`), onlined movable.",
+            "- Guest: Debian 12 kernel under QEMU TCG; 7 offline CPUs (8 vCPUs, `maxcpus=1`)",
+            "  and a 2 GiB pc-dimm left offline (`memhp_default_state=offline`), onlined movable.",
             f"- Repetitions: {reps}; medians, with the spread of the paired overhead.",
             "",
             "| resource | amount | bare loop | agent | agent overhead, median (min..max) |",
@@ -124,7 +124,7 @@ def report(result: dict[str, object], s: dict[str, float], reps: int, command: s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=11)
     parser.add_argument("--quick", action="store_true", help="two repetitions (CI)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
     args = parser.parse_args(argv)
