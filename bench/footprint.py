@@ -87,7 +87,9 @@ def agent_config(root: Path, target: str, metrics_port: int) -> str:
     return text.replace("[metrics]\nenabled = false", f"[metrics]\nport = {metrics_port}")
 
 
-async def measure(workdir: Path, seconds: float) -> tuple[list[Sample], Path]:
+async def measure(
+    workdir: Path, seconds: float, profile: Path | None = None
+) -> tuple[list[Sample], Path]:
     root = workdir / "guest"
     sock = workdir / "broker.sock"
     guest = FakeGuest(root, possible_cpus=4, boot_cpus=1, boot_blocks=8)
@@ -114,8 +116,18 @@ async def measure(workdir: Path, seconds: float) -> tuple[list[Sample], Path]:
     broker = asyncio.create_task(serve(config, stop))
     samples: list[Sample] = []
     with log_path.open("w") as log:
+        # Under cProfile the figures are the profiler's too: for finding hot spots only.
+        profiler = ["-m", "cProfile", "-o", str(profile)] if profile is not None else []
         agent = subprocess.Popen(
-            [sys.executable, "-m", "agent.cli", "run", "--config", str(workdir / "agent.toml")],
+            [
+                sys.executable,
+                *profiler,
+                "-m",
+                "agent.cli",
+                "run",
+                "--config",
+                str(workdir / "agent.toml"),
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -233,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true", help="a 50-second run (CI)")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "bench")
+    parser.add_argument(
+        "--profile", type=Path, help="run the agent under cProfile, writing the stats here"
+    )
     args = parser.parse_args(argv)
     # Minutes after a minute of warm-up; the quick run uses 15 s windows.
     seconds, warmup, width = (50.0, 15.0, 15.0) if args.quick else (args.minutes * 60, 60.0, 60.0)
@@ -242,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
     print(f"running the agent for {seconds / 60:.1f} minutes ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="vmtide-footprint-") as tmp:
-        samples, _ = asyncio.run(measure(Path(tmp), seconds))
+        samples, _ = asyncio.run(measure(Path(tmp), seconds, args.profile))
     windows = per_window(samples, warmup, width)
     text = report(samples, windows, warmup, command.strip())
     args.out.mkdir(parents=True, exist_ok=True)
