@@ -302,7 +302,14 @@ class FakeGuest:
         return (self._memory / f"memory{index}" / "state").read_text().strip()
 
     def online_blocks(self) -> list[int]:
-        return [i for i in self.block_indexes() if self.block_state(i) == "online"]
+        online = []
+        for i in self.block_indexes():
+            try:
+                if self.block_state(i) == "online":
+                    online.append(i)
+            except FileNotFoundError:
+                pass  # unplugged (by a broker in another process) since the listing
+        return online
 
     def online_memory_bytes(self) -> int:
         return len(self.online_blocks()) * self.block_size
