@@ -787,11 +787,11 @@ class _Memo(Generic[_Facts]):
                 self._rows[i], self._why_not[i] = self._row_of(f, before, now_settling)
                 settling[i] = now_settling
                 redone = i
-        # A held need reaching back to a redone reading (or to the departed
-        # ones, which lie before it) is held again.
+        # The redone readings' held needs, and any reaching back to one (or to
+        # the departed ones, which lie before it), are held again.
         edge = self._rows[redone].at
         for i, r in enumerate(self._rows):
-            if not r.at - self._grow < edge:
+            if i > redone and not r.at - self._grow < edge:
                 break
             self._held[i] = self._hold(i)
 
