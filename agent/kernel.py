@@ -117,8 +117,8 @@ class Cpu:
 class MemoryBlock:
     index: int
     state: BlockState
-    # valid_zones: the zone of an online block, or the zones an offline block
-    # could join, the kernel's default first ("Normal Movable").
+    # valid_zones of an online block: its zone. Empty for any other block
+    # (not read: see Kernel.memory_block).
     zones: tuple[str, ...]
     node: int | None
 
@@ -353,7 +353,14 @@ class Kernel:
         block_dir = f"{self._memory_dir}/memory{index}"
         try:
             state_text = _read_attr(block_dir + "/state").strip()
-            zones_text = _read_optional(block_dir + "/valid_zones")
+            # An online block's valid_zones is its zone, fixed. An offline
+            # block's makes the kernel walk the block's pages, and 6.1 oopses
+            # there (NULL NODE_DATA in zone_for_pfn_range) on a block being
+            # hot-removed: seen in a guest as virtio-mem shrank. Onlining
+            # never needs it: the kernel refuses a zone the block cannot join.
+            zones_text = (
+                _read_optional(block_dir + "/valid_zones") if state_text == "online" else ""
+            )
             node = next(
                 (
                     int(m.group(1))

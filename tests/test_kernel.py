@@ -78,7 +78,19 @@ def test_reads_topology(kernel: Kernel) -> None:
     assert [b.index for b in blocks] == list(range(8))
     assert all(b.online and not b.movable and b.zones == ("Normal",) for b in blocks[:4])
     assert all(b.state is BlockState.OFFLINE and b.node == 0 for b in blocks[4:])
-    assert blocks[4].zones == ("Normal", "Movable")
+    assert blocks[4].zones == ()  # an offline block's valid_zones is not read
+
+
+def test_an_offline_blocks_valid_zones_is_never_read(kernel: Kernel, guest: FakeGuest) -> None:
+    # Reading it makes the kernel walk the block, and Linux 6.1 oopses there on
+    # a block being hot-removed. A directory in its place fails any read.
+    zones = guest.sysfs / "devices/system/memory/memory6/valid_zones"
+    zones.unlink()
+    zones.mkdir()
+    assert guest.block_state(6) == "offline"
+    block = kernel.memory_block(6)
+    assert block is not None and block.state is BlockState.OFFLINE and block.zones == ()
+    assert len(kernel.memory_blocks()) == 8
 
 
 def test_cpu_online_offline_results(kernel: Kernel, guest: FakeGuest) -> None:
