@@ -531,10 +531,8 @@ def _cpu_facts(s: Sample, p: CpuParams) -> _CpuFacts | None:
         and busy >= _SATURATED * online
         and run_queue > online
     )
+    stalled = psi is not None and psi >= threshold
     ongoing = _at_least(s.cpu_some_now, threshold)
-    # The kernel updates avg10 every 2 s and it climbs for seconds: the period's
-    # own stall (from the totals) says at once, on a PSI trigger's wake-up too.
-    stalled = (psi is not None and psi >= threshold) or ongoing
     util_need = _ceil(busy / p.target_utilisation_ratio) if busy is not None else None
     # Positional: this runs for every sample read.
     facts = (s.at, online, busy, run_queue, psi, stalled, ongoing, util_need, saturated)
