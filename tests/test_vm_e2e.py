@@ -99,8 +99,14 @@ async def test_memory_follows_pressure_in_a_real_guest(
         assert hot_online > 0 and setup.movable_blocks() >= hot_online, setup.vm.explain(
             f"{setup.movable_blocks()} movable of {hot_online} hot-added blocks online"
         )
+        # The broker hears of it in the grant's Ack and writes its state file
+        # at most once a second: wait for it rather than race it.
+        await setup.until(
+            lambda: setup.state()["online"]["memory_bytes"] >= 1 * GiB + 256 * MiB,
+            30,
+            "the broker to count the memory online",
+        )
         grown = setup.state()["online"]["memory_bytes"]
-        assert grown >= 1 * GiB + 256 * MiB
         # Pressure ends: blocks that offline are unplugged, refusals are
         # reported, and the broker's books match the guest.
         setup.load(memory_mib=0)
