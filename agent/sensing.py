@@ -2,9 +2,10 @@
 
 `Sensor.sample()` reads /proc/stat, /proc/meminfo, /proc/vmstat and
 /proc/pressure/{cpu,memory,io} and returns one frozen `Reading`. Rates and busy
-fractions are deltas against the previous call, so the first reading reports
-them as zero. `PressureWatch` arms PSI poll triggers so the agent wakes as soon
-as the kernel sees a stall instead of at its next periodic tick.
+fractions are deltas against an earlier call at least `MIN_SPAN_SECONDS` back
+(or the oldest one kept), so the first reading reports them as zero.
+`PressureWatch` arms PSI poll triggers so the agent wakes as soon as the kernel
+sees a stall instead of at its next periodic tick.
 
 Everything reads files under a procfs root passed to the constructor, so tests
 point it at a temporary tree. The parsers are pure functions over the file's
@@ -23,6 +24,7 @@ number and also gives procs_running, which psutil does not expose.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import logging
 import math
@@ -50,6 +52,15 @@ _STAT_FIELDS_IN_TOTAL = 8
 _STAT_MIN_FIELDS = 4
 
 _MEMINFO_KIB_BYTES = 1024
+
+# /proc/stat counts in ticks of 10 ms (USER_HZ), so a busy share over a few of
+# them is mostly quantisation: a sample a PSI trigger takes 5 ms after the last
+# one sees one tick, the agent's own, and calls the CPU 100 % busy. Busy
+# shares and rates are measured over at least this span instead.
+MIN_SPAN_SECONDS = 0.5
+# Baselines younger than that span; a PSI trigger fires at most once per
+# window per resource, so a handful suffices, and the bound holds regardless.
+_BASELINES_KEPT = 8
 _EXCERPT_CHARS = 60
 
 # PSI poll triggers (Documentation/accounting/psi.rst, "Monitoring for pressure
@@ -299,7 +310,8 @@ def parse_vmstat(
 
 @dataclass(frozen=True, slots=True)
 class Reading:
-    """One sample of the guest's load. Rates cover the time since the previous sample."""
+    """One sample of the guest's load. Busy shares and rates cover the time since
+    a baseline sample at least `MIN_SPAN_SECONDS` older, when there is one."""
 
     at: float  # time.monotonic() seconds
     cpu_busy: float  # CPUs' worth of non-idle time (0..online_cpus)
@@ -349,15 +361,29 @@ class _Previous:
 
 
 class Sensor:
-    """Samples /proc under `procfs`; keeps only the previous sample for deltas."""
+    """Samples /proc under `procfs`; keeps the few recent samples deltas need."""
 
     def __init__(
-        self, procfs: Path = Path("/proc"), *, clock: Callable[[], float] = time.monotonic
+        self,
+        procfs: Path = Path("/proc"),
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        min_span: float = MIN_SPAN_SECONDS,
     ) -> None:
         self._procfs = procfs
         self._clock = clock
-        self._previous: _Previous | None = None
+        self._min_span = min_span
+        # Oldest first: the newest at least min_span old, then younger ones.
+        self._baselines: collections.deque[_Previous] = collections.deque(maxlen=_BASELINES_KEPT)
         self._psi_warned = False
+
+    def _baseline(self, at: float) -> _Previous | None:
+        """The newest kept sample at least min_span before `at`, else the oldest;
+        the ones before it will never be the baseline again."""
+        baselines = self._baselines
+        while len(baselines) > 1 and at - baselines[1].at >= self._min_span:
+            baselines.popleft()
+        return baselines[0] if baselines else None
 
     def _read(self, path: Path) -> str:
         try:
@@ -417,9 +443,9 @@ class Sensor:
         pswpin = vmstat.get("pswpin", 0)
         pswpout = vmstat.get("pswpout", 0)
         online_cpus = len(stat.per_cpu)
-        previous = self._previous
-        self._previous = _Previous(
-            at=at, stat=stat, cpu_times=cpu_times, pswpin=pswpin, pswpout=pswpout
+        previous = self._baseline(at)
+        self._baselines.append(
+            _Previous(at=at, stat=stat, cpu_times=cpu_times, pswpin=pswpin, pswpout=pswpout)
         )
         if previous is None:
             cpu_busy = 0.0
@@ -427,7 +453,7 @@ class Sensor:
             swap_in_per_s = swap_out_per_s = 0.0
         else:
             cpu_busy = _busy_fraction(previous.cpu_times, cpu_times) * online_cpus
-            # A CPU onlined since the last sample has no baseline yet: report 0.
+            # A CPU onlined since the baseline has no time of its own yet: report 0.
             per_cpu_busy = tuple(
                 _busy_fraction(before, jiffies)
                 if (before := previous.stat.per_cpu.get(cpu)) is not None

@@ -435,6 +435,53 @@ def test_cpu_hotplug_between_samples(tmp_path: Path) -> None:
     assert reading.per_cpu_busy == (0.5, 0.0)
 
 
+def advanced(times: Sequence[int], busy: int, idle: int) -> list[int]:
+    """`times` after `busy` jiffies of user time and `idle` of idle time."""
+    return [times[0] + busy, *times[1:3], times[3] + idle, *times[4:]]
+
+
+def test_a_sample_right_after_another_measures_busy_over_the_minimum_span(
+    tmp_path: Path,
+) -> None:
+    # A PSI trigger wakes the agent 5 ms after its periodic sample: the one
+    # tick in between is the agent's own. Measured from that sample alone, the
+    # idle guest would read 100 % busy.
+    root = make_procfs(tmp_path, stat=stat_text({0: CPU0_T0}), pressure=ALL_PSI)
+    sensor = Sensor(root, clock=clock(10.0, 11.0, 11.005, 12.005))
+    sensor.sample()
+    cpu0 = advanced(CPU0_T0, busy=10, idle=90)
+    (root / "stat").write_text(stat_text({0: cpu0}))
+    assert sensor.sample().cpu_busy == pytest.approx(0.1)
+    cpu0 = advanced(cpu0, busy=1, idle=0)
+    (root / "stat").write_text(stat_text({0: cpu0}))
+    woken = sensor.sample()
+    assert woken.cpu_busy == pytest.approx(11 / 101)  # since 10.0, not 11.0
+    assert woken.per_cpu_busy == pytest.approx((11 / 101,))
+    # The next periodic sample is a second after the woken one: that is its baseline.
+    cpu0 = advanced(cpu0, busy=50, idle=50)
+    (root / "stat").write_text(stat_text({0: cpu0}))
+    assert sensor.sample().cpu_busy == pytest.approx(0.5)
+
+
+def test_rates_use_the_same_baseline_as_busy(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path, pressure=ALL_PSI)
+    sensor = Sensor(root, clock=clock(1.0, 1.1, 1.2))
+    sensor.sample()
+    (root / "vmstat").write_text(vmstat_text(pswpin=200, pswpout=10))
+    assert sensor.sample().swap_in_per_s == pytest.approx(100 / 0.1)
+    # Nothing swapped in since 1.1, but 1.1 is too recent to be the baseline.
+    assert sensor.sample().swap_in_per_s == pytest.approx(100 / 0.2)
+
+
+def test_a_storm_of_samples_keeps_a_bounded_history(tmp_path: Path) -> None:
+    root = make_procfs(tmp_path, stat=stat_text({0: CPU0_T0}), pressure=ALL_PSI)
+    times = [1.0 + i * 0.001 for i in range(1000)]
+    sensor = Sensor(root, clock=clock(*times))
+    for _ in times:
+        assert 0.0 <= sensor.sample().cpu_busy <= 1.0
+    assert len(sensor._baselines) <= 8
+
+
 def test_total_cpu_time_comes_through_psutil_from_the_configured_root(tmp_path: Path) -> None:
     # Two guests' trees in one process: each Sensor reads its own, and the
     # rest of the process keeps psutil on the real /proc.
