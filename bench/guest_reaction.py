@@ -29,7 +29,10 @@ from pathlib import Path
 
 CPU = Path("/sys/devices/system/cpu")
 MEMORY = Path("/sys/devices/system/memory")
+# Fast while timing a growth; slow while waiting for rest, where a Python
+# loop polling sysfs every 10 ms under TCG is load the agent sees.
 POLL_SECONDS = 0.01
+REST_POLL_SECONDS = 0.2
 # The shrink window of the benchmark's agent config plus the unplug.
 REST_TIMEOUT_SECONDS = 240.0
 GROW_TIMEOUT_SECONDS = 120.0
@@ -41,13 +44,18 @@ STEP_NOTICE_SECONDS = 0.5
 LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) \w+ vmtide\.agent: (.*)$")
 
 
-def cpu_count(name: str) -> int:
-    """CPUs in /sys/devices/system/cpu/{online,present} ("0-2,4")."""
+def listed_cpus(text: str) -> int:
+    """CPUs in a list like /sys/devices/system/cpu/online's ("0-2,4")."""
     total = 0
-    for part in (CPU / name).read_text().strip().split(","):
+    for part in text.strip().split(","):
         low, _, high = part.partition("-")
         total += int(high or low) - int(low) + 1
     return total
+
+
+def cpu_count(name: str) -> int:
+    """CPUs in /sys/devices/system/cpu/{online,present}."""
+    return listed_cpus((CPU / name).read_text())
 
 
 def blocks(state: str | None) -> int:
@@ -73,12 +81,21 @@ def present(resource: str) -> int:
     return cpu_count("present") if resource == "cpus" else blocks(None)
 
 
-def until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    deadline = time.monotonic() + timeout
+def until(
+    condition: Callable[[], bool],
+    deadline: float,
+    what: str | Callable[[], str],
+    poll: float = POLL_SECONDS,
+) -> float:
+    """Poll until `condition` holds (its time.time()), or time.monotonic() passes
+    `deadline`; `what` names what was awaited, or says what was seen instead."""
+    started = time.monotonic()
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(POLL_SECONDS)
+            waited = time.monotonic() - started
+            said = what if isinstance(what, str) else what()
+            raise TimeoutError(f"timed out after {waited:.0f} s waiting for {said}")
+        time.sleep(poll)
     return time.time()
 
 
@@ -128,7 +145,8 @@ def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> d
     step = time.time()
     pids = start_load(args.resource, args.amount)
     try:
-        seen = until(lambda: online(args.resource) > base_online, GROW_TIMEOUT_SECONDS, "growth")
+        grown = time.monotonic() + GROW_TIMEOUT_SECONDS
+        seen = until(lambda: online(args.resource) > base_online, grown, "growth")
     finally:
         stop_load(pids)
     time.sleep(0.5)  # the agent logs its grant and onlining after the write itself
@@ -147,23 +165,23 @@ def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> d
     }
 
 
-def wait_for_rest(log: Path, rested: Callable[[], bool], what: str) -> None:
+def wait_for_rest(log: Path, rested: Callable[[], bool], what: Callable[[], str]) -> None:
     """Back to the boot size (and unplugged again), and quiet: no change and no
     grow decision for QUIET_SECONDS (an agent starting under TCG sees its own
     start-up as load, and grows for it)."""
     deadline = time.monotonic() + REST_TIMEOUT_SECONDS
     while True:
-        until(rested, max(0.0, deadline - time.monotonic()), what)
+        until(rested, deadline, what, REST_POLL_SECONDS)
         offset = log.stat().st_size
         quiet_until = time.monotonic() + QUIET_SECONDS
         while rested() and time.monotonic() < quiet_until:
-            time.sleep(POLL_SECONDS * 10)
+            time.sleep(REST_POLL_SECONDS)
         events = agent_events(log, offset)
         grew = any(msg.startswith("decision") and " grow " in msg for _, msg in events)
         if rested() and not grew:
             return
         if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {REST_TIMEOUT_SECONDS:.0f} s waiting for {what}")
+            raise TimeoutError(f"timed out after {REST_TIMEOUT_SECONDS:.0f} s waiting for {what()}")
 
 
 def main() -> int:
@@ -174,15 +192,35 @@ def main() -> int:
     parser.add_argument("--log", type=Path, required=True, help="the agent's log")
     parser.add_argument("--out", type=Path, required=True, help="JSON lines, one per run")
     parser.add_argument("--go", type=Path, required=True, help="start once this exists")
+    parser.add_argument(
+        "--rest",
+        type=Path,
+        required=True,
+        help="the boot size, taken before the agent started: two lines, online and"
+        " plugged (CPU lists for cpus, block counts for memory)",
+    )
     args = parser.parse_args()
-    until(args.go.exists, 600, str(args.go))
-    base_online, base_present = online(args.resource), present(args.resource)
+    # Not read here: this script starts beside the agent, and under TCG the
+    # agent may have grown the guest for its own start-up by then.
+    first, second = args.rest.read_text().split()
+    if args.resource == "cpus":
+        base_online, base_present = listed_cpus(first), listed_cpus(second)
+    else:
+        base_online, base_present = int(first), int(second)
+    print(f"at rest: {args.resource} {base_online} online, {base_present} plugged", flush=True)
+    until(args.go.exists, time.monotonic() + 600, str(args.go), REST_POLL_SECONDS)
 
     def rested() -> bool:
         return online(args.resource) == base_online and present(args.resource) == base_present
 
+    def at_rest_before(run: int) -> Callable[[], str]:
+        return lambda: (
+            f"rest before run {run} ({args.resource}: {online(args.resource)} online,"
+            f" {present(args.resource)} plugged; at rest {base_online} and {base_present})"
+        )
+
     for run in range(args.runs):
-        wait_for_rest(args.log, rested, f"rest before run {run}")
+        wait_for_rest(args.log, rested, at_rest_before(run))
         # Tell the host, which reads the broker's hot-plug time from here on.
         (args.out.parent / f"stepping-{run}").touch()
         time.sleep(STEP_NOTICE_SECONDS)
