@@ -38,7 +38,7 @@ from agent.config import AgentConfig
 from agent.crashpoint import crash_point
 from agent.kernel import Action, ItemResult, KernelReadError, Kind, Outcome
 from agent.metrics import AgentMetrics
-from agent.sensing import PressureWatch, ProcParseError, Reading, Sensor
+from agent.sensing import MIN_SPAN_SECONDS, PressureWatch, ProcParseError, Reading, Sensor
 from agent.session import BrokerLink
 from agent.topology import Topology
 from agent.udev import OnliningRule, Uevent, UeventSource
@@ -255,8 +255,13 @@ class Agent:
         # What the broker lets this guest hold; None until it says (then the
         # guest keeps what it has).
         self.entitlement: Amount | None = None
-        # Exactly the history the policy reads: shrinking needs a full window.
-        history = config.policy.history_seconds / config.agent.sensing_interval_seconds
+        # The history the policy reads (shrinking needs a full window) at a
+        # sample per follow-up span: under pressure a trigger's wake and its
+        # follow-up come between the periodic samples. More wakes than that
+        # shorten the history, which can only delay a shrink.
+        history = config.policy.history_seconds / min(
+            config.agent.sensing_interval_seconds, MIN_SPAN_SECONDS
+        )
         self.samples: collections.deque[policy.Sample] = collections.deque(
             maxlen=math.ceil(history) + 1
         )
@@ -322,6 +327,11 @@ class Agent:
 
     async def _sensing_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.agent.sensing_interval_seconds
+        # A trigger wakes the agent some 150 ms into a stall, too early for a
+        # busy share to show the load (sensing.MIN_SPAN_SECONDS): look again
+        # once one can, not a whole period later.
+        follow_up = min(interval, MIN_SPAN_SECONDS)
+        woken = False
         while not stop.is_set():
             started = time.monotonic()
             try:
@@ -341,10 +351,12 @@ class Agent:
                 self.metrics.observe_cycle(ok=False)
             self.notify("WATCHDOG=1")
             self._publish()
-            remaining = max(interval - (time.monotonic() - started), 0.0)
+            period = follow_up if woken else interval
+            remaining = max(period - (time.monotonic() - started), 0.0)
             if self.pressure is not None and self.pressure.available:
                 # A PSI trigger ends the wait early: the next cycle sees the spike.
-                if await self.pressure.wait(remaining):
+                woken = await self.pressure.wait(remaining)
+                if woken:
                     log.debug("pressure trigger fired")
             else:
                 with contextlib.suppress(TimeoutError):
