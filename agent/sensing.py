@@ -364,24 +364,19 @@ class Sensor:
     """Samples /proc under `procfs`; keeps the few recent samples deltas need."""
 
     def __init__(
-        self,
-        procfs: Path = Path("/proc"),
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        min_span: float = MIN_SPAN_SECONDS,
+        self, procfs: Path = Path("/proc"), *, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._procfs = procfs
         self._clock = clock
-        self._min_span = min_span
-        # Oldest first: the newest at least min_span old, then younger ones.
+        # Oldest first: the newest at least MIN_SPAN_SECONDS old, then younger ones.
         self._baselines: collections.deque[_Previous] = collections.deque(maxlen=_BASELINES_KEPT)
         self._psi_warned = False
 
     def _baseline(self, at: float) -> _Previous | None:
-        """The newest kept sample at least min_span before `at`, else the oldest;
-        the ones before it will never be the baseline again."""
+        """The newest kept sample at least MIN_SPAN_SECONDS before `at`, else the
+        oldest; the ones before it will never be the baseline again."""
         baselines = self._baselines
-        while len(baselines) > 1 and at - baselines[1].at >= self._min_span:
+        while len(baselines) > 1 and at - baselines[1].at >= MIN_SPAN_SECONDS:
             baselines.popleft()
         return baselines[0] if baselines else None
 
