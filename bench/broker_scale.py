@@ -57,6 +57,7 @@ from agent.config import BrokerSection
 from agent.kernel import MEMORY_DIR, Kernel
 from agent.session import BrokerLink
 from agent.topology import Topology
+from bench.machine import revision, run_text
 from vmtide import __version__
 from vmtide.fakesys import FakeGuest
 from vmtide.v1 import broker_pb2 as pb
@@ -829,22 +830,6 @@ async def sweep(
     return points
 
 
-def _run_text(*command: str) -> str:
-    try:
-        return subprocess.run(
-            command, cwd=REPO, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "?"
-
-
-def revision() -> str:
-    """The commit measured, and whether broker/ or bench/ differ from it."""
-    commit = _run_text("git", "rev-parse", "--short", "HEAD")
-    dirty = _run_text("git", "status", "--porcelain", "--", "broker", "bench", "agent", "vmtide")
-    return f"{commit} (with uncommitted changes)" if dirty else commit
-
-
 def machine() -> dict[str, str]:
     model = platform.processor()
     with contextlib.suppress(OSError):
@@ -853,7 +838,7 @@ def machine() -> dict[str, str]:
                 model = line.split(":", 1)[1].strip()
                 break
     return {
-        "uname": _run_text("uname", "-a"),
+        "uname": run_text("uname", "-a"),
         "cpu": model,
         "cpus": str(os.cpu_count()),
         "memory_gib": f"{psutil.virtual_memory().total / (1 << 30):.1f}",

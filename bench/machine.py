@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def cpu_model() -> str:
@@ -34,3 +37,20 @@ def describe_machine() -> str:
         f"{cpu_model()}, {os.cpu_count()} CPUs, {memory_gib():.0f} GiB; "
         f"{uname.system} {uname.release} {uname.machine}; Python {platform.python_version()}"
     )
+
+
+def run_text(*command: str) -> str:
+    """A command's stdout, run in the repository; "?" when it cannot run."""
+    try:
+        return subprocess.run(
+            command, cwd=REPO, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def revision() -> str:
+    """The commit measured, and whether the code it measures differs from it."""
+    commit = run_text("git", "rev-parse", "--short", "HEAD")
+    dirty = run_text("git", "status", "--porcelain", "--", "broker", "bench", "agent", "vmtide")
+    return f"{commit} (with uncommitted changes)" if dirty else commit

@@ -44,7 +44,7 @@ from vm.build_image import ensure_image
 from vm.harness import VMOptions, VMs
 from vm.rig import GiB, ListHandler, Rig, free_port
 
-from bench.machine import describe_machine
+from bench.machine import describe_machine, revision
 from broker.config import PoolConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,8 +255,9 @@ def report(
         "  1 vCPU (of 16 slots; the agent may use 2) and 1 GiB; memory cases grow from",
         "  1 GiB by virtio-mem or pc-dimm. No standby case: an idle guest offers standby",
         "  CPUs back at its Hello and the broker unplugs them (bench/vm_reaction.py).",
-        f"- Agent: defaults but `sensing_interval_seconds = {interval}` and 5 s shrink windows;",
-        "  broker in the benchmark process, QMP backend, pool far above the guest's maximum.",
+        f"- Agent: defaults but `sensing_interval_seconds = {interval}` and 5 s shrink windows,",
+        "  at Nice -10 as its unit runs it; broker in the benchmark process, QMP backend,",
+        "  pool far above the guest's maximum. Git revision: " + revision() + ".",
         f"- Runs per case: {runs}. p99 is the nearest rank: with few runs, the slowest.",
         "",
         "Phases: **detection** (load step to the agent's grow decision, guest clock),",
