@@ -1,6 +1,7 @@
 """Inside the benchmark guest: step the load, time how the agent reacts, step back.
 
-    python guest_reaction.py --resource cpus --runs 10 --log agent.log --out results.jsonl
+    python guest_reaction.py --resource cpus --amount 2 --runs 10 --log agent.log
+        --out results.jsonl --go go --rest rest   (one command line)
 
 Run by `bench/vm_reaction.py` in a real guest next to `vmtide-agent`. Each run
 waits until the guest is at rest, starts the load (busy loops, or a process
