@@ -255,13 +255,15 @@ class Agent:
         # What the broker lets this guest hold; None until it says (then the
         # guest keeps what it has).
         self.entitlement: Amount | None = None
+        # A trigger wakes the agent some 150 ms into a stall, too early for a
+        # busy share to show the load (sensing.MIN_SPAN_SECONDS): the sensing
+        # loop looks again once one can, not a whole period later.
+        self._follow_up_seconds = min(config.agent.sensing_interval_seconds, MIN_SPAN_SECONDS)
         # The history the policy reads (shrinking needs a full window) at a
-        # sample per follow-up span: under pressure a trigger's wake and its
+        # sample per follow-up: under pressure a trigger's wake and its
         # follow-up come between the periodic samples. More wakes than that
         # shorten the history, which can only delay a shrink.
-        history = config.policy.history_seconds / min(
-            config.agent.sensing_interval_seconds, MIN_SPAN_SECONDS
-        )
+        history = config.policy.history_seconds / self._follow_up_seconds
         self.samples: collections.deque[policy.Sample] = collections.deque(
             maxlen=math.ceil(history) + 1
         )
@@ -327,10 +329,6 @@ class Agent:
 
     async def _sensing_loop(self, stop: asyncio.Event) -> None:
         interval = self.config.agent.sensing_interval_seconds
-        # A trigger wakes the agent some 150 ms into a stall, too early for a
-        # busy share to show the load (sensing.MIN_SPAN_SECONDS): look again
-        # once one can, not a whole period later.
-        follow_up = min(interval, MIN_SPAN_SECONDS)
         woken = False
         while not stop.is_set():
             started = time.monotonic()
@@ -351,7 +349,7 @@ class Agent:
                 self.metrics.observe_cycle(ok=False)
             self.notify("WATCHDOG=1")
             self._publish()
-            period = follow_up if woken else interval
+            period = self._follow_up_seconds if woken else interval
             remaining = max(period - (time.monotonic() - started), 0.0)
             if self.pressure is not None and self.pressure.available:
                 # A PSI trigger ends the wait early: the next cycle sees the spike.

@@ -514,12 +514,14 @@ class ScriptedPressure:
 async def test_after_a_pressure_trigger_the_agent_looks_again_within_half_a_second(
     guest: FakeGuest,
 ) -> None:
-    agent, _ = build(guest)
-    agent.config = dataclasses.replace(
-        agent.config,
-        agent=dataclasses.replace(
-            agent.config.agent, sensing_interval_seconds=5.0, rescan_interval_seconds=5.0
-        ),
+    config = agent_config(guest, "g", "unix:/nonexistent")
+    agent = make_agent(
+        dataclasses.replace(
+            config,
+            agent=dataclasses.replace(
+                config.agent, sensing_interval_seconds=5.0, rescan_interval_seconds=5.0
+            ),
+        )
     )
     pressure = ScriptedPressure(fires={1}, waits=4)
     agent.pressure = pressure  # type: ignore[assignment]
