@@ -87,10 +87,12 @@ def until(
     deadline: float,
     what: str | Callable[[], str],
     poll: float = POLL_SECONDS,
+    since: float | None = None,
 ) -> float:
     """Poll until `condition` holds (its time.time()), or time.monotonic() passes
-    `deadline`; `what` names what was awaited, or says what was seen instead."""
-    started = time.monotonic()
+    `deadline`; `what` names what was awaited, or says what was seen instead.
+    `since` is when the wait began, for a deadline shared by several calls."""
+    started = time.monotonic() if since is None else since
     while not condition():
         if time.monotonic() > deadline:
             waited = time.monotonic() - started
@@ -170,9 +172,10 @@ def wait_for_rest(log: Path, rested: Callable[[], bool], what: Callable[[], str]
     """Back to the boot size (and unplugged again), and quiet: no change and no
     grow decision for QUIET_SECONDS (an agent starting under TCG sees its own
     start-up as load, and grows for it)."""
-    deadline = time.monotonic() + REST_TIMEOUT_SECONDS
+    started = time.monotonic()
+    deadline = started + REST_TIMEOUT_SECONDS
     while True:
-        until(rested, deadline, what, REST_POLL_SECONDS)
+        until(rested, deadline, what, REST_POLL_SECONDS, since=started)
         offset = log.stat().st_size
         quiet_until = time.monotonic() + QUIET_SECONDS
         while rested() and time.monotonic() < quiet_until:
