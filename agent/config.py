@@ -117,10 +117,16 @@ class CpuLimits:
     maximum: int = 0
     # 0 means the same as maximum (no bursting).
     burst: int = 0
+    # CPUs to keep plugged but offline beyond those online, within maximum:
+    # a load step onlines one at once, with no hot-plug and no request. The
+    # host holds them for the guest (an idle vCPU costs it a thread).
+    standby: int = 0
 
     def __post_init__(self) -> None:
         if self.minimum < 1:
             raise ValueError("minimum: a guest needs at least 1 CPU")
+        if self.standby < 0:
+            raise ValueError(f"standby: must not be negative, got {self.standby}")
         if self.maximum and self.maximum < self.minimum:
             raise ValueError(f"maximum: {self.maximum} is below minimum {self.minimum}")
         if self.burst and self.burst < (self.maximum or self.minimum):

@@ -255,6 +255,13 @@ class Agent:
         # What the broker lets this guest hold; None until it says (then the
         # guest keeps what it has).
         self.entitlement: Amount | None = None
+        # CPUs kept plugged but offline, entitled, for a load step to take at
+        # once ([limits.cpus] standby); 0 shrinks through the broker only.
+        self._standby = config.limits.cpus.standby
+        # The first request of a session says what the guest wants even when
+        # that is what it holds: the broker waits for it to take back what is
+        # plugged and not wanted (or to keep it as standby).
+        self._restate = False
         # A trigger wakes the agent some 150 ms into a stall, too early for a
         # busy share to show the load (sensing.MIN_SPAN_SECONDS): the sensing
         # loop looks again once one can, not a whole period later.
@@ -333,7 +340,7 @@ class Agent:
         while not stop.is_set():
             started = time.monotonic()
             try:
-                await self.sense_and_decide()
+                await self.sense_and_decide(woken)
                 self.metrics.observe_cycle(ok=True)
             except (KernelReadError, ProcParseError) as err:
                 # sysfs and procfs change under the agent's feet (a CPU
@@ -427,7 +434,8 @@ class Agent:
 
     # --------------------------------------------------------------- sensing
 
-    async def sense_and_decide(self) -> policy.Decisions:
+    async def sense_and_decide(self, woken: bool = False) -> policy.Decisions:
+        """One sensing cycle; `woken` when a PSI trigger started it."""
         reading = self.sensor.sample()
         previous, self.last_reading = self.last_reading, reading
         topo = self.topo
@@ -446,8 +454,49 @@ class Agent:
         self.metrics.observe_decisions(decisions)
         self.metrics.observe_reading(reading)
         self._send_report(reading)
+        if woken and self._standby and await self._take_standby(sample):
+            return decisions
         await self.pursue(decisions)
         return decisions
+
+    async def _take_standby(self, sample: policy.Sample) -> bool:
+        """Online one entitled standby CPU at once when a trigger caught tasks
+        waiting; True when it did.
+
+        The policy wants a busy share over half a second before it grows
+        (sensing.MIN_SPAN_SECONDS): the trigger's wake comes too early for one,
+        and the follow-up half a second later is what a hot-plug pays anyway.
+        A standby CPU costs the host nothing more to use, so the trigger's own
+        evidence is enough: tasks stalled this period and more runnable than
+        CPUs online. Were it noise, the policy's shrink gives the CPU back to
+        standby, not to the host.
+        """
+        granted, topo = self.entitlement, self.topo
+        online = topo.online_cpus
+        if granted is None or granted.cpus <= online or not topo.standby_cpus:
+            return False
+        threshold = self.config.policy.cpu.psi_some_threshold_percent
+        if not (sample.run_queue > online and sample.cpu_some_now >= threshold):
+            return False
+        if self._lock_wanted:
+            return False  # a reclaim or rescan is acting; the policy follows up
+        reason = (
+            f"pressure trigger: psi some {sample.cpu_some_now:.0f}% this period, run queue "
+            f"{sample.run_queue} > {online} online (a standby CPU: no request)"
+        )
+        log.info("decision cpus grow %d -> %d: %s", online, online + 1, reason)
+        self.recent_decisions.append(
+            {
+                "at": time.time(),
+                "resource": "cpus",
+                "direction": "grow",
+                "current": online,
+                "target": online + 1,
+                "reason": reason,
+            }
+        )
+        await self.act("standby", Amount(online + 1, topo.online_memory_bytes))
+        return True
 
     def _log_decisions(self, decisions: policy.Decisions) -> None:
         previous = self.decisions
@@ -510,6 +559,8 @@ class Agent:
             else:
                 self._grow_started.pop(resource, None)
         granted = self.entitlement
+        if self._standby and decisions.cpu.direction == "shrink" and want.cpus < have.cpus:
+            await self._to_standby(want.cpus)
         if granted is not None and (
             min(want.cpus, granted.cpus) > have.cpus
             or min(want.memory_bytes, granted.memory_bytes) > have.memory_bytes
@@ -528,6 +579,20 @@ class Agent:
                 log.debug("%s in progress; growing at a later cycle", busy)
         self._request(want, decisions)
 
+    async def _to_standby(self, target: int) -> None:
+        """Offline CPUs down to `target` (never below the minimum), keeping
+        them plugged and entitled: the standby a load step takes at once."""
+        if self._lock_wanted:
+            return  # the next cycle shrinks
+        floor = self.limits.cpus.minimum
+        async with self._exclusive():
+            self._acting = ("standby", time.monotonic())
+            try:
+                results = await asyncio.to_thread(self.actuator.offline_cpus, target, floor)
+                await self._after_act("to standby", results, "")
+            finally:
+                self._acting = None
+
     def _request(self, want: Amount, decisions: policy.Decisions) -> None:
         if self.link is None or not self.link.connected:
             return
@@ -535,11 +600,19 @@ class Agent:
         # Ask only for what the policy decided to change. A "hold" at what is
         # online while a grant is still being onlined is not a release offer
         # (a real guest flapped on that: grant 4, hold at 2, reclaim to 2).
+        restate = self._restate
         want = Amount(
-            _ask(decisions.cpu, granted.cpus),
-            _ask(decisions.memory, granted.memory_bytes),
+            _ask(
+                decisions.cpu,
+                granted.cpus,
+                restate,
+                standby=self._standby,
+                ceiling=self.limits.cpus.maximum,
+            ),
+            _ask(decisions.memory, granted.memory_bytes, restate),
         )
-        if want == granted:
+        self._restate = False
+        if want == granted and not restate:
             self._last_request = None
             return
         now = time.monotonic()
@@ -674,12 +747,13 @@ class Agent:
         the broker unplugs it instead of leaving it plugged and unused.
         """
         topo = self.topo
-        items = []
-        if topo.online_cpus >= target.cpus:
-            items += [
-                ItemResult(Kind.CPU, c, Action.OFFLINE, Outcome.ALREADY, detail="standby")
-                for c in topo.standby_cpus
-            ]
+        # Standby within the target is the guest's to keep, lowest ids first
+        # (the ones onlining takes): the rest goes back.
+        kept = max(target.cpus - topo.online_cpus, 0)
+        items = [
+            ItemResult(Kind.CPU, c, Action.OFFLINE, Outcome.ALREADY, detail="standby")
+            for c in sorted(topo.standby_cpus)[kept:]
+        ]
         if topo.online_memory_bytes >= target.memory_bytes:
             items += [
                 ItemResult(Kind.MEMORY_BLOCK, b, Action.OFFLINE, Outcome.ALREADY, detail="standby")
@@ -759,11 +833,22 @@ class Agent:
             have = Amount(self.topo.online_cpus, self.topo.online_memory_bytes)
             short = granted.cpus > have.cpus or granted.memory_bytes > have.memory_bytes
             if short and (self.topo.standby_cpus or self.topo.standby_blocks):
-                await self._act_and_ack(why, granted)
+                await self._act_and_ack(why, self._online_goal())
         elif not connected:
             await self._online_hot_added(why)
         else:
             self._known_standby = self.topo.standby
+
+    def _online_goal(self) -> Amount:
+        """What to hold online of the entitlement: all of it, but for CPUs
+        kept as standby (only what the policy wants, at least the minimum)."""
+        granted = self.entitlement
+        assert granted is not None
+        if not self._standby:
+            return granted
+        wanted = self.decisions.cpu.target if self.decisions else self.topo.online_cpus
+        wanted = max(wanted, self.limits.cpus.minimum)
+        return Amount(min(granted.cpus, wanted), granted.memory_bytes)
 
     async def _online_hot_added(self, why: str) -> None:
         """Without a broker, online what the host added since we last looked."""
@@ -829,6 +914,7 @@ class Agent:
 
     def on_link_state(self, connected: bool) -> None:
         self.metrics.broker_connected(connected)
+        self._restate = connected
         if not connected:
             # A new session starts from the truth; the old entitlement stands
             # until the broker says otherwise (never shrink on a disconnect).
@@ -906,7 +992,7 @@ class Agent:
             f" (capped: {'; '.join(problems)})" if problems else "",
         )
         crash_point("grant.received")
-        results, note = await self.act(f"grant {grant.grant_id}", self.entitlement)
+        results, note = await self.act(f"grant {grant.grant_id}", self._online_goal())
         crash_point("grant.before-ack")
         if note:
             problems.append(note)
@@ -1030,13 +1116,19 @@ def _decision_state(decision: policy.Decision) -> dict[str, Any]:
     }
 
 
-def _ask(decision: policy.Decision, granted: int) -> int:
-    """What to ask the broker for one resource: the target when the policy wants
-    a change in that direction, else what is granted."""
-    if decision.direction == "grow" and decision.target > granted:
-        return decision.target
-    if decision.direction == "shrink" and decision.target < granted:
-        return decision.target
+def _ask(
+    decision: policy.Decision, granted: int, restate: bool, standby: int = 0, ceiling: int = 0
+) -> int:
+    """What to ask the broker for one resource: the target (and `standby` more,
+    up to `ceiling`) when the policy wants a change in that direction or the
+    session's first request restates it, else what is granted."""
+    want = min(decision.target + standby, max(decision.target, ceiling))
+    if restate:
+        return want
+    if decision.direction == "grow" and want > granted:
+        return want
+    if decision.direction == "shrink" and want < granted:
+        return want
     return granted
 
 

@@ -122,6 +122,9 @@ class GuestRecord:
     balloon_backoff_until: float = 0.0
     # The newest request that came over the rate limit, taken up in its turn.
     deferred_request: pb.ResourceRequest | None = None
+    # Whether this session's guest has asked yet: until then what is plugged
+    # but offline is neither granted nor taken back (it may be standby).
+    asked: bool = False
 
     @property
     def id(self) -> str:
@@ -314,7 +317,12 @@ class Broker:
         guest.pending.clear()
         guest.deferred_request = None
         guest.entitled = guest.online
-        guest.demand = guest.online
+        # Until its first request the guest asks for nothing more and offers
+        # nothing back: CPUs plugged but offline may be standby it keeps
+        # ([limits.cpus] standby), and the agent restates what it wants at
+        # once. Taken back here, they would be unplugged before it could say.
+        guest.demand = guest.held
+        guest.asked = False
         guest.send(
             pb.BrokerMessage(
                 welcome=pb.Welcome(
@@ -418,6 +426,7 @@ class Broker:
     def _take_request(self, guest: GuestRecord, request: pb.ResourceRequest, now: float) -> None:
         guest.deferred_request = None
         guest.last_request_at = now
+        guest.asked = True
         limits = guest.limits
         wanted = Amount(request.cpus, request.memory_bytes // guest.block_size * guest.block_size)
         if request.seen_grant_id != guest.last_grant_id:
@@ -799,6 +808,24 @@ class Broker:
             for guest_id, target in plan.grants.items():
                 await self._grant(self.guests[guest_id], target, reasons.get(guest_id, ""))
             for guest in batch:
+                # The arbiter counts plugged CPUs as held, so it grants none
+                # within them: standby the guest asked to keep, or a grant it
+                # has not onlined yet. The entitlement must still say so.
+                # (Memory within what is plugged is the balloon's business.)
+                planned = plan.targets.get(guest.id)
+                entitled = guest.entitled
+                if (
+                    guest.asked
+                    and planned is not None
+                    and guest.id not in plan.grants
+                    and planned.cpus > entitled.cpus
+                ):
+                    await self._grant(
+                        guest,
+                        Amount(planned.cpus, entitled.memory),
+                        reasons.get(guest.id) or "CPUs already plugged",
+                    )
+            for guest in batch:
                 await self._fit_balloon(guest, guest.entitled)
             for guest in batch:
                 self._refresh(guest)
@@ -828,6 +855,8 @@ class Broker:
         plan = plan_alone([view], self.config.broker.block_size_bytes)
         if plan.grants or plan.reclaims:
             return False
+        if guest.asked and plan.targets[guest.id].cpus > guest.entitled.cpus:
+            return False  # plugged CPUs still to grant (see rebalance)
         offer = guest.demand.min_each(view.held)
         if guest.connected and self._reclaim_size(guest, offer)[1] != ZERO:
             return False

@@ -74,9 +74,15 @@ def test_throughput_quick(tmp_path: Path) -> None:
 @pytest.mark.vm
 @pytest.mark.timeout(600)
 def test_reaction_quick(tmp_path: Path) -> None:
-    run_bench("bench.vm_reaction", tmp_path, "--case", "cpu-hotplug", timeout=540)
+    run_bench(
+        "bench.vm_reaction", tmp_path, "--case", "cpu-hotplug", "--case", "cpu-standby", timeout=540
+    )
     text = (tmp_path / "reaction-quick.md").read_text()
     total = re.search(r"\| CPU, hot-plugged \| total \| ([0-9.]+) \|", text)
     assert total and float(total[1]) > 0, text
+    # The standby CPU came online in a guest that kept it plugged and offline
+    # while idle (its rest size is two plugged, one online).
+    standby = re.search(r"\| CPU, standby \| total \| ([0-9.]+) \|", text)
+    assert standby and float(standby[1]) > 0, text
     hotplug = re.search(r"\| CPU, hot-plugged \| hotplug \| ([0-9.]+) \|", text)
     assert hotplug and float(hotplug[1]) > 0, text  # QEMU really hot-plugged a vCPU

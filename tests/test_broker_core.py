@@ -470,6 +470,26 @@ async def test_a_hello_that_hides_plugged_cpus_does_not_free_them(tmp_path: Path
     assert broker.allocated().cpus == 3
 
 
+async def test_plugged_standby_is_kept_until_the_first_request_says_otherwise(
+    tmp_path: Path,
+) -> None:
+    broker, fake = make(tmp_path)
+    fake.plug_cpu(1)  # plugged, offline: standby the guest may mean to keep
+    record, outbox = broker.open_session("g", hello(fake))
+    await broker.rebalance()
+    assert not sent(outbox, "reclaim") and record.held.cpus == 2
+    # A guest that keeps a standby CPU asks for it with the one online.
+    await broker.on_message(record, request(1, 2, record.last_grant_id))
+    await broker.rebalance()
+    assert not record.pending and [g.grant.cpus for g in sent(outbox, "grant")] == [2]
+    assert fake.present_cpus() == {0, 1}  # nothing plugged: it was there
+    # One that wants only what is online offers the rest back.
+    record.last_request_at = 0.0
+    await broker.on_message(record, request(2, 1, record.last_grant_id))
+    await broker.rebalance()
+    assert [r.reclaim.cpus for r in sent(outbox, "reclaim")] == [1]
+
+
 def test_a_hello_with_an_absurd_block_size_is_refused() -> None:
     from broker.server import check_hello
 
