@@ -138,9 +138,10 @@ def agent_events(log: Path, offset: int) -> list[tuple[float, str]]:
     return events
 
 
-def first(events: list[tuple[float, str]], pattern: str, after: float) -> float | None:
+def first(events: list[tuple[float, str]], pattern: str, after: float) -> tuple[float | None, str]:
+    """The time and message of the first event matching `pattern` at or after `after`."""
     wanted = re.compile(pattern)
-    return next((t for t, msg in events if t >= after and wanted.search(msg)), None)
+    return next(((t, msg) for t, msg in events if t >= after and wanted.search(msg)), (None, ""))
 
 
 def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> dict[str, object]:
@@ -155,12 +156,13 @@ def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> d
     time.sleep(0.5)  # the agent logs its grant and onlining after the write itself
     events = agent_events(args.log, offset)
     # Log times have millisecond resolution: the step may read up to 1 ms late.
-    decided = first(events, rf"^decision {args.resource} grow", step - 0.001)
-    granted = first(events, r"^grant \d+: may hold", decided or step)
+    decided, decision = first(events, rf"^decision {args.resource} grow", step - 0.001)
+    granted, _ = first(events, r"^grant \d+: may hold", decided or step)
     return {
         "resource": args.resource,
         "step": step,
         "decided": decided,
+        "decision": decision,
         "granted": granted,
         "online": seen,
         "plugged_before": base_present,
