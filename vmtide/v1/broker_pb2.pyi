@@ -216,7 +216,10 @@ Global___GuestMessage: _TypeAlias = GuestMessage  # noqa: Y015
 @_typing.final
 class Hello(_message.Message):
     """First message of every session, and the whole truth about the guest: after a
-    reconnect the broker reconciles its accounting against this topology.
+    reconnect the broker reconciles its accounting against this topology. CPUs
+    plugged but offline may be standby the guest keeps: the broker neither grants
+    nor takes them back before the session's first ResourceRequest, which the
+    guest sends at once, even when it wants exactly what it has.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -765,7 +768,9 @@ class Grant(_message.Message):
     guest's minimum after a reconnect).
     """
     cpus: _builtins.int
-    """Entitlement: online CPUs and memory bytes the guest may hold now."""
+    """Entitlement: online CPUs and memory bytes the guest may hold now. A guest
+    may keep part of it plugged but offline, as standby it onlines at once.
+    """
     memory_bytes: _builtins.int
     @_builtins.property
     def cpu_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -810,7 +815,8 @@ class Reclaim(_message.Message):
     """The request this answers (a release offer), or 0 when the host needs it."""
     cpus: _builtins.int
     """Target online CPUs and memory bytes. Never below the guest's minimum: a
-    guest refuses to go lower and says so in its Ack.
+    guest refuses to go lower and says so in its Ack. Standby CPUs within the
+    target are the guest's to keep; its Ack lists those beyond as offline.
     """
     memory_bytes: _builtins.int
     deadline_ms: _builtins.int
