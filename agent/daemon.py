@@ -202,9 +202,15 @@ class LiveStateFile:
     def write(self, state: dict[str, Any]) -> None:
         self._written_at = self._clock()
         tmp = self.path.with_name(f".{self.path.name}.tmp")
+        text = json.dumps(state)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps(state))
+            try:
+                tmp.write_text(text)
+            except FileNotFoundError:
+                # The first write, or the directory was cleaned away: made
+                # only then, as a mkdir every second costs a syscall for nothing.
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                tmp.write_text(text)
             os.replace(tmp, self.path)
         except OSError as err:
             if not self._failing:

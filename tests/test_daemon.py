@@ -689,6 +689,17 @@ def test_a_state_file_that_cannot_be_written_is_one_warning(
     assert len([r for r in caplog.records if "cannot write the live state" in r.getMessage()]) == 1
 
 
+def test_the_state_file_directory_is_made_when_missing(tmp_path: Path) -> None:
+    import shutil
+
+    path = tmp_path / "run" / "vmtide-agent" / "state.json"
+    state = LiveStateFile(path)
+    state.write({"x": 1})
+    shutil.rmtree(tmp_path / "run")  # systemd-tmpfiles, or an operator, cleaned it
+    state.write({"x": 2})
+    assert json.loads(path.read_text()) == {"x": 2}
+
+
 def test_a_sample_carries_the_period_own_stall_from_the_psi_totals(guest: FakeGuest) -> None:
     from agent.daemon import make_sample
     from agent.topology import Topology
