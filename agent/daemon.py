@@ -565,7 +565,12 @@ class Agent:
             else:
                 self._grow_started.pop(resource, None)
         granted = self.entitlement
-        if self._standby and decisions.cpu.direction == "shrink" and want.cpus < have.cpus:
+        if (
+            self._standby
+            and granted is not None  # a broker's word: without one, nothing grows back
+            and decisions.cpu.direction == "shrink"
+            and want.cpus < have.cpus
+        ):
             await self._to_standby(want.cpus)
         if granted is not None and (
             min(want.cpus, granted.cpus) > have.cpus

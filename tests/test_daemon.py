@@ -330,6 +330,17 @@ async def test_a_shrink_with_standby_goes_offline_in_the_guest_and_stays_plugged
     assert guest.present_cpus() >= {0, 1, 2}  # the broker unplugs; the agent never does
 
 
+async def test_without_a_broker_standby_never_shrinks_what_nothing_would_grow_back(
+    guest: FakeGuest,
+) -> None:
+    from agent.daemon import Amount
+
+    agent, _ = build(guest, broker=False, cpus=CpuLimits(minimum=1, maximum=3, standby=1))
+    await agent.act("test", Amount(3, 1 * GiB))
+    await agent.pursue(decisions(cpu=(1, 3), memory=(1 * GiB, 1 * GiB)))
+    assert guest.online_cpus() == {0, 1, 2}
+
+
 def woken_sample(agent: Agent, run_queue: int, stall_percent: float) -> policy.Sample:
     from agent.daemon import make_sample
 
