@@ -265,13 +265,18 @@ def parse_stat(text: str, path: Path | str = "/proc/stat") -> Stat:
 # --- /proc/meminfo and /proc/vmstat --------------------------------------------
 
 
-def parse_meminfo(text: str, path: Path | str = "/proc/meminfo") -> dict[str, int]:
-    """Map each field to bytes (for `kB` lines) or to a plain count (HugePages_*)."""
+def parse_meminfo(
+    text: str, path: Path | str = "/proc/meminfo", keys: Collection[str] | None = None
+) -> dict[str, int]:
+    """Map each field to bytes (for `kB` lines) or to a plain count (HugePages_*);
+    with `keys`, keep (and check) only those: the sensing loop needs seven of 50."""
     fields: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         name, sep, rest = line.partition(":")
+        if keys is not None and name not in keys:
+            continue
         if not sep or not name:
             raise ProcParseError(path, f"line {lineno}: no 'Name:' in {_excerpt(line)}")
         value = rest.split()
@@ -281,7 +286,7 @@ def parse_meminfo(text: str, path: Path | str = "/proc/meminfo") -> dict[str, in
             fields[name] = _int(path, lineno, line, value[0]) * _MEMINFO_KIB_BYTES
         else:
             raise ProcParseError(path, f"line {lineno}: bad value in {_excerpt(line)}")
-    if not fields:
+    if keys is None and not fields:
         raise ProcParseError(path, "empty")
     return fields
 
@@ -289,9 +294,12 @@ def parse_meminfo(text: str, path: Path | str = "/proc/meminfo") -> dict[str, in
 def parse_vmstat(
     text: str, path: Path | str = "/proc/vmstat", keys: Collection[str] | None = None
 ) -> dict[str, int]:
-    """Map counter names to values; with `keys`, keep (and check) only those."""
+    """Map counter names to values; with `keys`, keep (and check) only those:
+    the sensing loop needs two of some 180."""
     counters: dict[str, int] = {}
     for lineno, line in enumerate(text.splitlines(), 1):
+        if keys is not None and line.partition(" ")[0] not in keys:
+            continue
         fields = line.split()
         if not fields:
             continue
@@ -339,6 +347,17 @@ class Reading:
 
 _NO_PSI = Psi(some=PsiLine(0.0, 0.0, 0.0, 0), full=None)
 _VMSTAT_KEYS = frozenset({"pswpin", "pswpout"})
+# What Sensor.sample reads of meminfo (MemFree, Buffers, Cached: for kernels
+# without MemAvailable).
+_MEMINFO_KEYS = frozenset(
+    {"MemTotal", "MemAvailable", "MemFree", "Buffers", "Cached", "SwapTotal", "SwapFree"}
+)
+
+
+def _read_text(path: Path) -> str:
+    # Bytes, decoded at once: a text-mode open builds a decoder per file.
+    with open(path, "rb") as f:
+        return f.read().decode("ascii", errors="replace")
 
 
 def _busy_fraction(before: CpuJiffies | CpuTimes, after: CpuJiffies | CpuTimes) -> float:
@@ -368,6 +387,11 @@ class Sensor:
     ) -> None:
         self._procfs = procfs
         self._clock = clock
+        # Joined once: a Path join costs as much as parsing a PSI file.
+        self._stat_path = procfs / "stat"
+        self._meminfo_path = procfs / "meminfo"
+        self._vmstat_path = procfs / "vmstat"
+        self._psi_paths = tuple(procfs / "pressure" / r for r in PSI_RESOURCES)
         # Oldest first: the newest at least MIN_SPAN_SECONDS old, then younger ones.
         self._baselines: collections.deque[_Previous] = collections.deque(maxlen=_BASELINES_KEPT)
         self._psi_warned = False
@@ -382,7 +406,7 @@ class Sensor:
 
     def _read(self, path: Path) -> str:
         try:
-            return path.read_text(encoding="ascii", errors="replace")
+            return _read_text(path)
         except OSError as err:
             raise ProcParseError(path, f"unreadable: {err.strerror or err}") from err
 
@@ -395,10 +419,9 @@ class Sensor:
         time, since EMFILE or ENOMEM under memory pressure are transient.
         """
         texts: list[tuple[Path, str]] = []
-        for resource in PSI_RESOURCES:
-            path = self._procfs / "pressure" / resource
+        for path in self._psi_paths:
             try:
-                texts.append((path, path.read_text(encoding="ascii", errors="replace")))
+                texts.append((path, _read_text(path)))
             except OSError as err:
                 if not self._psi_warned:
                     self._psi_warned = True
@@ -413,12 +436,12 @@ class Sensor:
 
     def sample(self) -> Reading:
         at = self._clock()
-        stat_path = self._procfs / "stat"
+        stat_path = self._stat_path
         stat = parse_stat(self._read(stat_path), stat_path)
         cpu_times = read_cpu_times(self._procfs)
-        meminfo_path = self._procfs / "meminfo"
-        meminfo = parse_meminfo(self._read(meminfo_path), meminfo_path)
-        vmstat_path = self._procfs / "vmstat"
+        meminfo_path = self._meminfo_path
+        meminfo = parse_meminfo(self._read(meminfo_path), meminfo_path, _MEMINFO_KEYS)
+        vmstat_path = self._vmstat_path
         # pswpin/pswpout are absent without CONFIG_VM_EVENT_COUNTERS: rates 0.
         vmstat = parse_vmstat(self._read(vmstat_path), vmstat_path, _VMSTAT_KEYS)
         psi = self._read_psi()

@@ -338,6 +338,9 @@ def test_parse_meminfo_converts_kib_to_bytes_and_keeps_counts() -> None:
     assert fields["Active(anon)"] == 2064 * KIB
     assert fields["HugePages_Total"] == 0  # a count, no unit
     assert fields["Hugepagesize"] == 2048 * KIB
+    # The sensing loop's selection: only those lines are read (and checked).
+    picked = parse_meminfo(MEMINFO + "garbage\n", keys={"MemTotal", "SwapFree"})
+    assert picked == {"MemTotal": 4028440 * KIB, "SwapFree": 2097148 * KIB}
 
 
 @pytest.mark.parametrize(
