@@ -257,8 +257,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def report(
-    results: dict[str, list[dict[str, float]]], runs: int, interval: float, command: str
+    results: dict[str, list[dict[str, float]]],
+    runs: int,
+    interval: float,
+    command: str,
+    code: str,
 ) -> str:
+    """The report; `code` is the revision measured, read before the first boot."""
     lines = [
         "# Reaction on a real VM",
         "",
@@ -275,7 +280,7 @@ def report(
         "  kernel's `maxcpus=1` and the agent's `standby = 1`: cpu1 stays plugged, offline.",
         f"- Agent: defaults but `sensing_interval_seconds = {interval}` and 5 s shrink windows,",
         "  at Nice -10 as its unit runs it; broker in the benchmark process, QMP backend,",
-        "  pool far above the guest's maximum. Git revision: " + revision() + ".",
+        "  pool far above the guest's maximum. Git revision: " + code + ".",
         f"- Runs per case: {runs}. p99 is the nearest rank: with few runs, the slowest.",
         "",
         "Phases: **detection** (load step to the agent's grow decision, guest clock),",
@@ -355,10 +360,14 @@ def main(argv: list[str] | None = None) -> int:
     command = "PYTHONPATH=tests .venv/bin/python -m bench.vm_reaction " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
+    # Now, not at the end: a run lasts most of an hour, and the guests run
+    # the tree as it is when each boots.
+    code = revision()
     results = asyncio.run(run(args))
     args.out.mkdir(parents=True, exist_ok=True)
     name = "reaction-quick.md" if args.quick else "reaction.md"
-    (args.out / name).write_text(report(results, args.runs, args.interval, command.strip()))
+    text = report(results, args.runs, args.interval, command.strip(), code)
+    (args.out / name).write_text(text)
     print(f"report: {args.out / name}  ({platform.node()})")
     return 0
 
