@@ -490,17 +490,8 @@ class Agent:
             f"pressure trigger: psi some {sample.cpu_some_now:.0f}% this period, run queue "
             f"{sample.run_queue} > {online} online (a standby CPU: no request)"
         )
-        log.info("decision cpus grow %d -> %d: %s", online, online + 1, reason)
-        self.recent_decisions.append(
-            {
-                "at": time.time(),
-                "resource": "cpus",
-                "direction": "grow",
-                "current": online,
-                "target": online + 1,
-                "reason": reason,
-            }
-        )
+        grow = policy.Decision(online + 1, online, reason, policy.Urgency.HIGH, bursting=False)
+        self._record_decision("cpus", grow)
         await self.act("standby", Amount(online + 1, topo.online_memory_bytes))
         return True
 
@@ -514,17 +505,21 @@ class Agent:
                 continue
             if before is not None and before.target == decision.target:
                 continue
-            self.recent_decisions.append(
-                {"at": time.time(), "resource": name, **_decision_state(decision)}
-            )
-            log.info(
-                "decision %s %s %s -> %s: %s",
-                name,
-                decision.direction,
-                _fmt(name, decision.current),
-                _fmt(name, decision.target),
-                decision.reason,
-            )
+            self._record_decision(name, decision)
+
+    def _record_decision(self, resource: str, decision: policy.Decision) -> None:
+        """Log a decision and keep it for the live state."""
+        self.recent_decisions.append(
+            {"at": time.time(), "resource": resource, **_decision_state(decision)}
+        )
+        log.info(
+            "decision %s %s %s -> %s: %s",
+            resource,
+            decision.direction,
+            _fmt(resource, decision.current),
+            _fmt(resource, decision.target),
+            decision.reason,
+        )
 
     def _send_report(self, reading: Reading) -> None:
         if self.link is None:
