@@ -591,13 +591,9 @@ class Agent:
         if self._lock_wanted:
             return  # the next cycle shrinks
         floor = self.limits.cpus.minimum
-        async with self._exclusive():
-            self._acting = ("standby", time.monotonic())
-            try:
-                results = await asyncio.to_thread(self.actuator.offline_cpus, target, floor)
-                await self._after_act("to standby", results, "")
-            finally:
-                self._acting = None
+        await self._exclusively(
+            "to standby", lambda: (self.actuator.offline_cpus(target, floor), "")
+        )
 
     def _request(self, want: Amount, decisions: policy.Decisions) -> None:
         if self.link is None or not self.link.connected:
@@ -685,6 +681,20 @@ class Agent:
         finally:
             self._lock_wanted -= 1
 
+    async def _exclusively(
+        self, why: str, writes: Callable[[], tuple[list[ItemResult], str]]
+    ) -> tuple[list[ItemResult], str]:
+        """Run `writes` (sysfs, in a thread) under the act lock, shown in the
+        live state as `why`, then read back what the kernel did."""
+        async with self._exclusive():
+            self._acting = (why, time.monotonic())
+            try:
+                results, note = await asyncio.to_thread(writes)
+                await self._after_act(why, results, note)
+            finally:
+                self._acting = None
+        return results, note
+
     async def act(
         self,
         why: str,
@@ -694,14 +704,7 @@ class Agent:
         """Online standby resources up to `target` (never offlines); `only`
         restricts it to these CPUs and blocks. Returns the items and a note
         on why it stopped short, if it did."""
-        async with self._exclusive():
-            self._acting = (why, time.monotonic())
-            try:
-                results, note = await asyncio.to_thread(self._online_up_to, target, only)
-                await self._after_act(why, results, note)
-            finally:
-                self._acting = None
-        return results, note
+        return await self._exclusively(why, lambda: self._online_up_to(target, only))
 
     def _online_up_to(
         self, target: Amount, only: tuple[Collection[int], Collection[int]] | None
@@ -724,15 +727,9 @@ class Agent:
             notes.append(f"the guest's minimum is {floor.cpus} CPUs")
         if target.memory_bytes < floor.memory_bytes:
             notes.append(f"the guest's minimum is {_fmt('memory', floor.memory_bytes)}")
-        async with self._exclusive():
-            self._acting = ("reclaim", time.monotonic())
-            try:
-                results, note = await asyncio.to_thread(
-                    self._offline_down_to, target, floor, deadline
-                )
-                await self._after_act("reclaim", results, note)
-            finally:
-                self._acting = None
+        results, note = await self._exclusively(
+            "reclaim", lambda: self._offline_down_to(target, floor, deadline)
+        )
         if note:
             notes.append(note)
         topo = self.topo
