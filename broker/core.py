@@ -808,21 +808,15 @@ class Broker:
             for guest_id, target in plan.grants.items():
                 await self._grant(self.guests[guest_id], target, reasons.get(guest_id, ""))
             for guest in batch:
-                # The arbiter counts plugged CPUs as held, so it grants none
-                # within them: standby the guest asked to keep, or a grant it
-                # has not onlined yet. The entitlement must still say so.
-                # (Memory within what is plugged is the balloon's business.)
                 planned = plan.targets.get(guest.id)
-                entitled = guest.entitled
                 if (
-                    guest.asked
-                    and planned is not None
+                    planned is not None
                     and guest.id not in plan.grants
-                    and planned.cpus > entitled.cpus
+                    and self._owed_plugged_cpus(guest, planned)
                 ):
                     await self._grant(
                         guest,
-                        Amount(planned.cpus, entitled.memory),
+                        Amount(planned.cpus, guest.entitled.memory),
                         reasons.get(guest.id) or "CPUs already plugged",
                     )
             for guest in batch:
@@ -855,12 +849,21 @@ class Broker:
         plan = plan_alone([view], self.config.broker.block_size_bytes)
         if plan.grants or plan.reclaims:
             return False
-        if guest.asked and plan.targets[guest.id].cpus > guest.entitled.cpus:
-            return False  # plugged CPUs still to grant (see rebalance)
+        if self._owed_plugged_cpus(guest, plan.targets[guest.id]):
+            return False
         offer = guest.demand.min_each(view.held)
         if guest.connected and self._reclaim_size(guest, offer)[1] != ZERO:
             return False
         return self._balloon_hold(guest, guest.entitled) is None
+
+    @staticmethod
+    def _owed_plugged_cpus(guest: GuestRecord, planned: Amount) -> bool:
+        """Whether the plan gives `guest` more CPUs than its entitlement says
+        without a grant of its own: the arbiter counts plugged CPUs as held,
+        so it grants none within them (standby the guest asked to keep, or a
+        grant it has not onlined yet). Memory within what is plugged is the
+        balloon's business. Not before the session's first request."""
+        return guest.asked and planned.cpus > guest.entitled.cpus
 
     def allocated(self) -> Amount:
         """Held plus releasing, over every guest."""
