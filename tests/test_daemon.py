@@ -50,6 +50,14 @@ class RecordingLink(BrokerLink):
     def acks(self) -> list[pb.Ack]:
         return [m.ack for m in self.sent if m.WhichOneof("body") == "ack"]
 
+    def requested(self) -> list[tuple[int, int]]:
+        """CPUs and memory bytes of each request sent."""
+        return [
+            (m.request.cpus, m.request.memory_bytes)
+            for m in self.sent
+            if m.WhichOneof("body") == "request"
+        ]
+
 
 @pytest.fixture
 def guest(tmp_path: Path) -> FakeGuest:
@@ -267,23 +275,15 @@ async def test_a_hold_while_a_grant_is_onlined_is_not_a_release(guest: FakeGuest
     assert (request.cpus, request.memory_bytes) == (2, 1 * GiB)
 
 
-def requests(link: RecordingLink) -> list[tuple[int, int]]:
-    return [
-        (m.request.cpus, m.request.memory_bytes)
-        for m in link.sent
-        if m.WhichOneof("body") == "request"
-    ]
-
-
 async def test_standby_cpus_are_asked_for_and_kept_offline(guest: FakeGuest) -> None:
     agent, link = build(guest, cpus=CpuLimits(minimum=1, maximum=3, standby=1))
     agent.on_link_state(True)
     # The session's first request says what the guest wants though it holds
     # it: one CPU online and one standby.
     await agent.pursue(decisions(cpu=(1, 1), memory=(1 * GiB, 1 * GiB)))
-    assert requests(link) == [(2, 1 * GiB)]
+    assert link.requested() == [(2, 1 * GiB)]
     await agent.pursue(decisions(cpu=(1, 1), memory=(1 * GiB, 1 * GiB)))
-    assert len(requests(link)) == 1  # a hold is not news
+    assert len(link.requested()) == 1  # a hold is not news
     # Granted, the standby stays offline: the policy wants one CPU.
     await agent.on_broker_message(grant(1, 2, 1 * GiB))
     assert guest.online_cpus() == {0}
@@ -291,9 +291,9 @@ async def test_standby_cpus_are_asked_for_and_kept_offline(guest: FakeGuest) -> 
     # A grow to two asks for a third (standby again), never above maximum.
     await agent.pursue(decisions(cpu=(2, 1), memory=(1 * GiB, 1 * GiB)))
     assert guest.online_cpus() == {0, 1}  # within the entitlement: no wait
-    assert requests(link)[-1] == (3, 1 * GiB)
+    assert link.requested()[-1] == (3, 1 * GiB)
     await agent.pursue(decisions(cpu=(3, 2), memory=(1 * GiB, 1 * GiB)))
-    assert requests(link)[-1] == (3, 1 * GiB)
+    assert link.requested()[-1] == (3, 1 * GiB)
 
 
 async def test_without_standby_a_session_restates_its_size_to_give_standby_back(
@@ -303,7 +303,7 @@ async def test_without_standby_a_session_restates_its_size_to_give_standby_back(
     agent.on_link_state(True)
     await agent.pursue(decisions(cpu=(1, 1), memory=(1 * GiB, 1 * GiB)))
     # One CPU online, two plugged: the request is the broker's cue to reclaim.
-    assert requests(link) == [(1, 1 * GiB)]
+    assert link.requested() == [(1, 1 * GiB)]
     await agent.on_broker_message(reclaim(1, 1, 1 * GiB))
     (ack,) = link.acks()
     assert sorted(i.index for i in ack.items if i.kind == pb.RESOURCE_KIND_CPU) == [1, 2]
@@ -320,7 +320,7 @@ async def test_a_shrink_with_standby_goes_offline_in_the_guest_and_stays_plugged
     # the guest offers back what is beyond its one standby.
     await agent.pursue(decisions(cpu=(1, 3), memory=(1 * GiB, 1 * GiB)))
     assert guest.online_cpus() == {0}
-    assert requests(link)[-1] == (2, 1 * GiB)
+    assert link.requested()[-1] == (2, 1 * GiB)
     # The reclaim that answers keeps the standby within its target (cpu1,
     # which onlining takes first) and lists the other to unplug.
     await agent.on_broker_message(reclaim(2, 2, 1 * GiB))
@@ -361,11 +361,11 @@ async def test_a_trigger_with_tasks_waiting_takes_an_entitled_standby_cpu_at_onc
     assert not await agent._take_standby(woken_sample(agent, run_queue=3, stall_percent=2))
     assert not await agent._take_standby(woken_sample(agent, run_queue=3, stall_percent=math.nan))
     assert guest.online_cpus() == {0}
-    sent_before = len(link.sent)
+    asked_before = len(link.requested())
     assert await agent._take_standby(woken_sample(agent, run_queue=3, stall_percent=40))
     assert guest.online_cpus() == {0, 1}
     # No request: it was the guest's already. The decision is on record.
-    assert not [m for m in link.sent[sent_before:] if m.WhichOneof("body") == "request"]
+    assert len(link.requested()) == asked_before
     assert agent.recent_decisions[-1]["target"] == 2
     # All of the entitlement online: the next trigger must wait for a grant.
     assert not await agent._take_standby(woken_sample(agent, run_queue=3, stall_percent=40))
