@@ -212,16 +212,15 @@ async def measure(case: Case, runs: int, interval: float, workdir: Path) -> list
                     before = None
                     raw = json.loads(lines[len(results)])
                     measured = phases(raw, hotplug, standby=case.standby > 0)
-                    if measured is not None:
-                        # 1 when the agent took a standby CPU on a PSI trigger's
-                        # own evidence, 0 when its policy decided.
-                        trigger = "pressure trigger" in str(raw.get("decision"))
-                        measured["trigger"] = float(trigger)
                     if measured is None:
                         raise AssertionError(
                             f"{case.name}: the agent's log missed a step: {raw}\n"
                             + _tail(setup.vm.share / "agent.log")
                         )
+                    # 1 when the agent took a standby CPU on a PSI trigger's
+                    # own evidence, 0 when its policy decided.
+                    trigger = "pressure trigger" in str(raw.get("decision"))
+                    measured["trigger"] = float(trigger)
                     results.append(measured)
                     print(f"  {case.name} run {len(results)}/{runs}: " + _fmt(measured))
                     continue
