@@ -76,6 +76,11 @@ _VANISHED_CHECK_SECONDS = 1.0
 _URGENCIES = {value: name for name, value in pb.Urgency.items()}
 # A request's reason is the guest's words: only this much of it reaches the log.
 _REASON_CHARS = 200
+# While the pool is uncontended, a round plans for at most this many guests,
+# those that asked first: a thousand sessions opening at once (a broker
+# restart), or their first reports, would otherwise hold every request behind
+# a quarter-second round. The rest wait for the rounds that follow at once.
+ROUND_GUESTS = 64
 
 
 @dataclass
@@ -219,9 +224,13 @@ class Broker:
         clock: Callable[[], float] = time.monotonic,
         *,
         incremental: bool = True,
+        round_guests: int = ROUND_GUESTS,
     ) -> None:
         """`incremental=False` runs the arbiter over every guest in every round:
-        the reference the incremental rounds are tested against."""
+        the reference the incremental rounds are tested against. `round_guests`
+        caps the guests an incremental round plans for (ROUND_GUESTS)."""
+        if round_guests < 1:
+            raise ValueError(f"round_guests must be at least 1, not {round_guests}")
         self.config = config
         self.metrics = metrics
         self.pool = Pool(capacity=Amount(config.pool.cpus, config.pool.memory_bytes))
@@ -238,16 +247,22 @@ class Broker:
         self._wake = asyncio.Event()
         # Incremental rounds (docs/broker.md, "Rounds"): while the footprints
         # of all guests fit the pool, each guest's plan is its own, so a round
-        # looks only at the guests that changed since the last one (`_dirty`)
-        # and at those it left with something to do (`_active`): the arbiter
-        # would plan nothing for the others. A contended pool, or
+        # looks only at the guests that changed since the last one (`_dirty`,
+        # oldest change first) and at those it left with something to do
+        # (`_active`): the arbiter would plan nothing for the others. Of the
+        # changed guests, those with a request (`_asking`) come first; past
+        # `round_guests`, the rest stay dirty for the next round. A contended pool, or
         # `incremental=False`, makes it look at every guest (`_everyone`).
         self._incremental = incremental
-        self._dirty: set[str] = set(self.guests)
+        self._round_guests = round_guests
+        self._dirty: dict[str, None] = dict.fromkeys(self.guests)
         self._active: set[str] = set()
+        self._asking: set[str] = set()
         self._everyone = True
         # Each guest's footprint and use (held + releasing) as last computed,
-        # and their sums: what the pool's contention and gauges are read from.
+        # and their sums: what the pool's contention and gauges are read from;
+        # `_unrefreshed` changed since.
+        self._unrefreshed: set[str] = set(self.guests)
         self._footprints: dict[str, Amount] = {}
         self._footprint_total = ZERO
         self._used: dict[str, Amount] = {}
@@ -460,6 +475,7 @@ class Broker:
             _URGENCIES.get(request.urgency, f"urgency {request.urgency}"),
             guest_words(request.reason),
         )
+        self._asking.add(guest.id)
         self.changed(guest)
 
     def _believe(self, guest: GuestRecord, what: str, cpus: int, memory: int) -> Amount:
@@ -710,7 +726,8 @@ class Broker:
         self._touch(guest)
 
     def _touch(self, guest: GuestRecord) -> None:
-        self._dirty.add(guest.id)
+        self._dirty.setdefault(guest.id)
+        self._unrefreshed.add(guest.id)
         self._status_stale.add(guest.id)
 
     def _view(self, guest: GuestRecord) -> GuestView:
@@ -735,6 +752,13 @@ class Broker:
         self._used_total = self._used_total - self._used.get(gid, ZERO) + used
         self._footprints[gid] = fits
         self._used[gid] = used
+        self._unrefreshed.discard(gid)
+
+    def _refresh_changed(self) -> None:
+        """Refresh every guest that changed since its last refresh: the pool's
+        contention and gauges are sums over every guest, planned for or not."""
+        for gid in list(self._unrefreshed):
+            self._refresh(self.guests[gid])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Re-arbitrate on every change, and periodically for deadlines."""
@@ -746,7 +770,9 @@ class Broker:
             if stop.is_set():
                 break
             try:
-                await self.rebalance()
+                if await self.rebalance():
+                    self._wake.set()  # guests left for the next round, after the loop's other work
+                    await asyncio.sleep(0)
             except Exception:
                 log.exception("arbitration failed; guests keep what they hold")
                 self._everyone = True  # whatever it left half-done is looked at again
@@ -755,8 +781,9 @@ class Broker:
             self._state_timer.cancel()  # the caller writes the final state
             self._state_timer = None
 
-    async def rebalance(self) -> None:
-        """One arbitration round, and acting on its plan.
+    async def rebalance(self) -> bool:
+        """One arbitration round, and acting on its plan. Returns whether it left
+        guests for the next round (at most `round_guests` are planned for).
 
         While the pool is uncontended the round plans only for the guests that
         changed or still have something to do, each alone (`plan_alone`), which
@@ -770,24 +797,24 @@ class Broker:
             if self._everyone or not self._incremental:
                 self._everyone = False
                 batch = list(self.guests.values())
+                left: list[str] = []
             else:
-                batch = [self.guests[gid] for gid in sorted(self._dirty | self._active)]
+                batch, left = self._next_batch()
                 if not batch:
-                    return  # nobody changed, nobody has anything to do
-            self._dirty = set()
-            for guest in batch:
-                deferred = guest.deferred_request
-                if deferred is not None and self._request_wait(guest, now) <= 0:
-                    self._take_request(guest, deferred, now)
-            self._expire_reclaims(batch)
+                    return False  # nobody changed, nobody has anything to do
+            self._dirty = dict.fromkeys(left)
+            self._take_due(batch, now)
             views = {g.id: self._view(g) for g in batch}
             for guest in batch:
                 self._refresh(guest, views[guest.id])
+            self._refresh_changed()
             contended = not self._incremental or not uncontended(
                 self.pool, self._footprint_total, block
             )
             if contended:
                 if len(batch) < len(self.guests):
+                    rest = [g for g in self.guests.values() if g.id not in views]
+                    self._take_due(rest, now)
                     batch = list(self.guests.values())
                     views = {g.id: views.get(g.id) or self._view(g) for g in batch}
                 plan = arbitrate(self.pool, list(views.values()), block)
@@ -836,6 +863,34 @@ class Broker:
                 self._active = set()
             else:
                 self._active = {g.id for g in batch if not self._idle(g)}
+            return bool(left) and not contended
+
+    def _next_batch(self) -> tuple[list[GuestRecord], list[str]]:
+        """The guests this round plans for, and the changed ones left for the
+        next: at most `round_guests` that changed, those with a request first,
+        then in the order they changed; and every guest a round left with
+        something to do (few, and waiting on time: a deadline, a backoff)."""
+        changed = list(self._dirty)
+        if len(changed) > self._round_guests:
+            asking = [gid for gid in changed if self._is_asking(gid)]
+            changed = asking + [gid for gid in changed if not self._is_asking(gid)]
+        chosen = changed[: self._round_guests]
+        left = [gid for gid in changed[self._round_guests :] if gid not in self._active]
+        chosen += sorted(self._active.difference(chosen))
+        return [self.guests[gid] for gid in chosen], left
+
+    def _is_asking(self, gid: str) -> bool:
+        return gid in self._asking or self.guests[gid].deferred_request is not None
+
+    def _take_due(self, guests: Sequence[GuestRecord], now: float) -> None:
+        """Take up the held-back requests whose turn has come and give up on the
+        reclaims past their deadline, before planning for `guests`."""
+        for guest in guests:
+            deferred = guest.deferred_request
+            if deferred is not None and self._request_wait(guest, now) <= 0:
+                self._take_request(guest, deferred, now)
+            self._asking.discard(guest.id)
+        self._expire_reclaims(guests)
 
     def _idle(self, guest: GuestRecord) -> bool:
         """Whether a round would do nothing for `guest`, however long it waited,
@@ -867,8 +922,7 @@ class Broker:
 
     def allocated(self) -> Amount:
         """Held plus releasing, over every guest."""
-        for gid in self._dirty:
-            self._refresh(self.guests[gid])
+        self._refresh_changed()
         return self._used_total
 
     def _expire_reclaims(self, guests: Sequence[GuestRecord]) -> None:

@@ -24,6 +24,7 @@ from broker.backend import BackendError, BackendUnavailable, EjectRefused, PlugS
 from broker.config import CpuLimits, GuestConfig, MemoryLimits
 from broker.core import (
     PLUG_BACKOFF_SECONDS,
+    ROUND_GUESTS,
     SHORT_RECLAIM_BACKOFF_SECONDS,
     Broker,
     GuestRecord,
@@ -750,8 +751,11 @@ async def test_incremental_rounds_do_what_full_rounds_do(tmp_path: Path, seed: i
     """Random sessions, requests, Acks (refused and missing ones too), reports,
     hypervisor outages and time passing, against a broker that plans only for
     what changed and one that runs the arbiter over every guest every round:
-    the same messages, books and status at every step."""
+    the same messages, books and status at every step. A third of the seeds
+    cap the incremental rounds at one guest and another third at two, so that
+    a round leaves guests for the next (run at once, at the same time)."""
     rng = random.Random(seed)
+    round_guests = (1, 2, ROUND_GUESTS)[seed % 3]
     count = rng.randint(2, 6)
     limits = []
     for _ in range(count):
@@ -765,8 +769,8 @@ async def test_incremental_rounds_do_what_full_rounds_do(tmp_path: Path, seed: i
     )
     now = [1000.0]
     twins = [
-        make_twin(tmp_path / name, limits, pool, clock=lambda: now[0], incremental=incremental)
-        for name, incremental in (("fast", True), ("full", False))
+        make_twin(tmp_path / "fast", limits, pool, clock=lambda: now[0], round_guests=round_guests),
+        make_twin(tmp_path / "full", limits, pool, clock=lambda: now[0], incremental=False),
     ]
     gids = [f"g{i}" for i in range(count)]
     for step in range(150):
@@ -815,7 +819,11 @@ async def test_incremental_rounds_do_what_full_rounds_do(tmp_path: Path, seed: i
             elif event == "jam":
                 twin.backends[gid].jammed = not twin.backends[gid].jammed
             elif event in ("round", "wait"):
-                await broker.rebalance()
+                for _ in range(2 * len(gids)):
+                    if not await broker.rebalance():
+                        break
+                else:
+                    pytest.fail(f"step {step}: the rounds never ran out of guests")
         fast, full = twins
         assert delivered[:1] == delivered[1:], (step, gid)
         assert differences(books(fast), books(full)) == [], (step, event, gid)
@@ -889,6 +897,69 @@ async def test_a_request_that_fits_is_planned_alone_and_contention_runs_the_arbi
     [grant] = [m.grant for m in await answer(twin, "g0")]
     assert grant.cpus == 2  # water-filled: 6 = 2 + 3 + 1, none to reclaim from g1 at 3
     assert planned == []
+
+
+async def settle(twin: Twin) -> None:
+    """Run rounds until none leaves guests for the next, answering what is sent."""
+    for _ in range(len(twin.agents) + 1):
+        more = await twin.broker.rebalance()
+        for gid in twin.agents:
+            await answer(twin, gid)
+        if not more:
+            return
+    pytest.fail("the rounds never ran out of guests")
+
+
+async def test_a_round_plans_for_few_guests_those_asking_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    twin = make_twin(tmp_path, [(1, 4, 4, 16, 0, False)] * 5, pool=(20, 80), round_guests=2)
+    open_all(twin)
+    await settle(twin)
+    await settle(twin)  # the grants' Acks
+    rounds: list[list[str]] = []
+
+    def plan_alone(guests: Sequence[GuestView], block_size: int) -> Plan:
+        if not rounds[-1]:  # the round's own plan; _idle() then plans each guest again
+            rounds[-1] = [g.guest_id for g in guests]
+        return arbiter.plan_alone(guests, block_size)
+
+    monkeypatch.setattr(core, "plan_alone", plan_alone)
+    for gid in ("g0", "g1", "g2"):  # changed, asking for nothing
+        record = twin.broker.guests[gid]
+        assert record.outbox is not None
+        twin.broker.close_session(record, record.outbox)
+    await asks(twin, "g4", 3, 8)
+    await asks(twin, "g3", 2, 8)
+    left = []
+    for _ in range(3):
+        rounds.append([])
+        left.append(await twin.broker.rebalance())
+    assert rounds == [["g4", "g3"], ["g0", "g1"], ["g2"]]
+    assert left == [True, True, False]
+    grants = {gid: [m.grant.cpus for m in drained(twin, gid)] for gid in ("g3", "g4")}
+    assert grants == {"g3": [2], "g4": [3]}
+
+
+async def test_a_round_counts_the_changes_of_guests_it_leaves_for_the_next(
+    tmp_path: Path,
+) -> None:
+    """g1's request is left for the next round, but the pool cannot cover both
+    requests: planning g0 alone would hand it what g1 is owed."""
+    limits = [(1, 4, 4, 16, 0, False)] * 2
+    twins = [
+        make_twin(tmp_path / "fast", limits, pool=(4, 32), round_guests=1),
+        make_twin(tmp_path / "full", limits, pool=(4, 32), incremental=False),
+    ]
+    for twin in twins:
+        open_all(twin)
+        await settle(twin)
+        await settle(twin)
+        await asks(twin, "g0", 3, 8)
+        await asks(twin, "g1", 3, 8)
+        assert await twin.broker.rebalance() is False  # contended: everyone at once
+    fast, full = ([m.grant.cpus for gid in ("g0", "g1") for m in drained(t, gid)] for t in twins)
+    assert fast == full == [2, 2]
 
 
 async def test_a_short_reclaim_is_asked_again_after_its_backoff_though_nothing_changes(
