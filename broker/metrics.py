@@ -122,6 +122,7 @@ class BrokerMetrics:
     def add_guest(self, guest: str) -> None:
         """Every series of a configured guest, at zero, before its first session:
         a guest that never connects is visible, and rate() sees first events.
+        (What it has online comes with its first report.)
         Made at start-up, they also stay out of the garbage collector's way
         (the broker freezes what start-up built), and each event finds its
         series without a label lookup."""
@@ -140,8 +141,11 @@ class BrokerMetrics:
 
     def report(self, guest: str, report: pb.LoadReport) -> None:
         series = self._series[guest]
-        series.online_cpus.set(report.online_cpus)
-        series.online_memory.set(report.online_memory_bytes)
+        if series.online is None:  # no series before the guest said: 0 would be a lie
+            series.online = (self.online_cpus.labels(guest), self.online_memory.labels(guest))
+        cpus, memory = series.online
+        cpus.set(report.online_cpus)
+        memory.set(report.online_memory_bytes)
 
     def granted(self, guest: str) -> None:
         self._series[guest].grants.inc()
@@ -179,8 +183,7 @@ class _GuestSeries:
         self.granted_memory = metrics.granted_memory.labels(guest)
         self.requested_cpus = metrics.requested_cpus.labels(guest)
         self.requested_memory = metrics.requested_memory.labels(guest)
-        self.online_cpus = metrics.online_cpus.labels(guest)
-        self.online_memory = metrics.online_memory.labels(guest)
+        self.online: tuple[Gauge, Gauge] | None = None  # cpus, memory: from the first report
         self.grants = metrics.grants.labels(guest)
         self.reclaims = metrics.reclaims.labels(guest)
         self.reclaimed_cpus = metrics.reclaimed_cpus.labels(guest)

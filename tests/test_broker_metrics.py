@@ -13,17 +13,18 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float | None
     return registry.get_sample_value(name, labels)
 
 
-def test_a_configured_guest_has_every_series_at_zero_before_any_event() -> None:
+def test_a_configured_guest_has_its_series_at_zero_before_any_event() -> None:
     registry = CollectorRegistry()
     BrokerMetrics(registry).add_guest("g1")
+    # What it has online is unknown until its first report: no series, not 0.
+    assert value(registry, "vmtide_broker_guest_online_cpus", guest="g1") is None
+    assert value(registry, "vmtide_broker_guest_online_memory_bytes", guest="g1") is None
     for name in (
         "vmtide_broker_guest_connected",
         "vmtide_broker_guest_granted_cpus",
         "vmtide_broker_guest_granted_memory_bytes",
         "vmtide_broker_guest_requested_cpus",
         "vmtide_broker_guest_requested_memory_bytes",
-        "vmtide_broker_guest_online_cpus",
-        "vmtide_broker_guest_online_memory_bytes",
         "vmtide_broker_grants_total",
         "vmtide_broker_reclaims_total",
         "vmtide_broker_reclaimed_cpus_total",
