@@ -250,9 +250,10 @@ class Broker:
         # looks only at the guests that changed since the last one (`_dirty`,
         # oldest change first) and at those it left with something to do
         # (`_active`): the arbiter would plan nothing for the others. Of the
-        # changed guests, those with a request (`_asking`) come first; past
-        # `round_guests`, the rest stay dirty for the next round. A contended pool, or
-        # `incremental=False`, makes it look at every guest (`_everyone`).
+        # changed guests, those with a request (`_asking`) come first, and
+        # past `round_guests` the rest stay dirty for the next round. A
+        # contended pool, or `incremental=False`, makes it look at every guest
+        # (`_everyone`).
         self._incremental = incremental
         self._round_guests = round_guests
         self._dirty: dict[str, None] = dict.fromkeys(self.guests)
