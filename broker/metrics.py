@@ -122,10 +122,10 @@ class BrokerMetrics:
     def add_guest(self, guest: str) -> None:
         """Every series of a configured guest, at zero, before its first session:
         a guest that never connects is visible, and rate() sees first events.
-        (What it has online comes with its first report.)
-        Made at start-up, they also stay out of the garbage collector's way
-        (the broker freezes what start-up built), and each event finds its
-        series without a label lookup."""
+        Only what it has online waits for its first report. Made at start-up,
+        the series stay out of the garbage collector's way (the broker freezes
+        what start-up built), and an event finds its series without a label
+        lookup."""
         self._series[guest] = _GuestSeries(self, guest)
 
     def books(self, guest: str, granted: Amount, requested: Amount) -> None:
