@@ -873,8 +873,7 @@ class Broker:
         something to do (few, and waiting on time: a deadline, a backoff)."""
         changed = list(self._dirty)
         if len(changed) > self._round_guests:
-            asking = [gid for gid in changed if self._is_asking(gid)]
-            changed = asking + [gid for gid in changed if not self._is_asking(gid)]
+            changed.sort(key=lambda gid: not self._is_asking(gid))  # stable: in order of change
         chosen = changed[: self._round_guests]
         left = [gid for gid in changed[self._round_guests :] if gid not in self._active]
         chosen += sorted(self._active.difference(chosen))
@@ -885,7 +884,8 @@ class Broker:
 
     def _take_due(self, guests: Sequence[GuestRecord], now: float) -> None:
         """Take up the held-back requests whose turn has come and give up on the
-        reclaims past their deadline, before planning for `guests`."""
+        reclaims past their deadline, before planning for `guests` (which then
+        no longer come first as asking)."""
         for guest in guests:
             deferred = guest.deferred_request
             if deferred is not None and self._request_wait(guest, now) <= 0:
