@@ -430,6 +430,7 @@ class Truth:
 
 def guest_truth(guest: FakeGuest) -> Truth:
     """A consistent reading of the tree; retried while a plug or unplug moves it."""
+    seen = ""
     for attempt in range(100):
         if attempt:
             time.sleep(0.01)  # another process is plugging or removing right now
@@ -437,9 +438,13 @@ def guest_truth(guest: FakeGuest) -> Truth:
             online = guest.online_cpus()
             present = guest.present_cpus()
             states = {i: guest.block_state(i) for i in guest.block_indexes()}
-            if online != guest.online_cpus() or present != guest.present_cpus():
+            again = (guest.online_cpus(), guest.present_cpus())
+            if (online, present) != again:
+                seen = f"online/present cpus {sorted(online)}/{sorted(present)}, then "
+                seen += f"{sorted(again[0])}/{sorted(again[1])}"
                 continue
-        except (FileNotFoundError, ValueError):
+        except (FileNotFoundError, ValueError) as err:
+            seen = repr(err)
             continue  # a CPU or block went between listing and reading
         offline = tuple(sorted(i for i, s in states.items() if s != "online"))
         return Truth(
@@ -450,7 +455,7 @@ def guest_truth(guest: FakeGuest) -> Truth:
             standby_cpus=tuple(sorted(present - online)),
             offline_blocks=offline,
         )
-    raise AssertionError(f"{guest.root}: the tree never held still long enough to read")
+    raise AssertionError(f"{guest.root}: the tree never held still long enough to read: {seen}")
 
 
 def always_problems(
