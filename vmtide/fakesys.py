@@ -25,12 +25,15 @@ turns a simulated load into /proc/stat, /proc/meminfo and PSI figures.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NotRequired, TypedDict
@@ -39,6 +42,7 @@ from agent.kernel import CPU_DIR, MEMORY_DIR, WriteTimeoutError, format_cpu_list
 
 MiB = 1 << 20
 FAULTS_FILE = "faults.json"
+LOCK_FILE = ".hotplug.lock"
 _USER_HZ = 100  # /proc/stat counts jiffies of 1/100 s on every Linux ABI
 _CPU_PATH = re.compile(r"cpu(\d+)/online")
 _BLOCK_PATH = re.compile(r"memory(\d+)/state")
@@ -64,6 +68,17 @@ class Load:
     memory_bytes: int  # memory the workload touches
 
 
+@contextlib.contextmanager
+def _hotplug_lock(root: Path) -> Iterator[None]:
+    """The kernel's device_hotplug_lock: onlining, offlining, plugging and
+    removing never interleave, whichever process does them. (Without it the
+    host could remove a block between reading it offline and the agent's
+    onlining, and leave half a directory behind.)"""
+    with open(root / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _write(path: Path, text: str) -> None:
     # Write then rename, so a reader in another process never sees half a file.
     tmp = path.with_name(f".{path.name}.tmp")
@@ -82,12 +97,14 @@ class FakeKernelWriter:
         rel = path.relative_to(self._sysfs).as_posix()
         if rel.startswith(CPU_DIR + "/") and (m := _CPU_PATH.fullmatch(rel[len(CPU_DIR) + 1 :])):
             self._fault("cpu", int(m.group(1)), value, timeout)
-            self._write_cpu(int(m.group(1)), value.strip())
+            with _hotplug_lock(self.root):
+                self._write_cpu(int(m.group(1)), value.strip())
         elif rel.startswith(MEMORY_DIR + "/") and (
             m := _BLOCK_PATH.fullmatch(rel[len(MEMORY_DIR) + 1 :])
         ):
             self._fault("memory", int(m.group(1)), value, timeout)
-            self._write_block(int(m.group(1)), value.strip())
+            with _hotplug_lock(self.root):
+                self._write_block(int(m.group(1)), value.strip())
         else:
             raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(path))
 
@@ -240,6 +257,10 @@ class FakeGuest:
         """A vCPU hot-added by the host: present, and offline unless it is cpu0."""
         if cpu not in self.possible_cpus():
             raise ValueError(f"cpu{cpu} is not a possible CPU of this guest")
+        with _hotplug_lock(self.root):
+            self._plug_cpu(cpu, online)
+
+    def _plug_cpu(self, cpu: int, online: bool) -> None:
         cpu_dir = self._cpu / f"cpu{cpu}"
         cpu_dir.mkdir(exist_ok=True)
         if cpu != 0 or self._cpu0_online_file:  # usually cpu0 has no `online` file
@@ -250,29 +271,32 @@ class FakeGuest:
 
     def unplug_cpu(self, cpu: int) -> None:
         """The host ejects a vCPU; like ACPI eject, only an offline CPU goes."""
-        if cpu in self.online_cpus():
-            raise ValueError(f"cpu{cpu} is online; offline it before unplugging")
-        shutil.rmtree(self._cpu / f"cpu{cpu}", ignore_errors=True)
-        self._update_list("present", cpu, add=False)
+        with _hotplug_lock(self.root):
+            if cpu in self.online_cpus():
+                raise ValueError(f"cpu{cpu} is online; offline it before unplugging")
+            shutil.rmtree(self._cpu / f"cpu{cpu}", ignore_errors=True)
+            self._update_list("present", cpu, add=False)
 
     def plug_blocks(self, count: int) -> list[int]:
         """Hot-add `count` memory blocks after the highest existing one."""
-        start = max(self.block_indexes(), default=-1) + 1
-        auto = (self._memory / "auto_online_blocks").read_text().strip()
-        added = list(range(start, start + count))
-        for index in added:
-            if auto == "offline":
-                self._add_block(index, "offline", "Normal Movable")
-            else:
-                self._add_block(index, "online", _ONLINE_TYPES.get(auto, "Normal"))
+        with _hotplug_lock(self.root):
+            start = max(self.block_indexes(), default=-1) + 1
+            auto = (self._memory / "auto_online_blocks").read_text().strip()
+            added = list(range(start, start + count))
+            for index in added:
+                if auto == "offline":
+                    self._add_block(index, "offline", "Normal Movable")
+                else:
+                    self._add_block(index, "online", _ONLINE_TYPES.get(auto, "Normal"))
         return added
 
     def remove_block(self, index: int) -> None:
         """The host unplugs a block; only an offline block can go."""
-        state = (self._memory / f"memory{index}" / "state").read_text().strip()
-        if state != "offline":
-            raise ValueError(f"memory{index} is {state}; offline it before unplugging")
-        shutil.rmtree(self._memory / f"memory{index}")
+        with _hotplug_lock(self.root):
+            state = (self._memory / f"memory{index}" / "state").read_text().strip()
+            if state != "offline":
+                raise ValueError(f"memory{index} is {state}; offline it before unplugging")
+            shutil.rmtree(self._memory / f"memory{index}")
 
     def set_faults(self, faults: list[Fault]) -> None:
         """Plant faults for the agent's next writes (replacing earlier ones)."""
