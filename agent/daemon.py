@@ -114,8 +114,16 @@ def effective_limits(
     )
 
 
-def make_sample(reading: Reading, topo: Topology, previous: Reading | None = None) -> policy.Sample:
-    """The policy's view of one sensing period (since `previous`, when known)."""
+def make_sample(
+    reading: Reading,
+    topo: Topology,
+    previous: Reading | None = None,
+    *,
+    offlining: bool = False,
+    offlined_at: float = math.nan,
+) -> policy.Sample:
+    """The policy's view of one sensing period (since `previous`, when known);
+    `offlining` and `offlined_at` tell it of the agent's own reclaims."""
     cpu_now = memory_now = memory_full_now = math.nan
     if previous is not None and reading.psi_available and reading.at > previous.at:
         span_us = (reading.at - previous.at) * 1e6
@@ -143,6 +151,8 @@ def make_sample(reading: Reading, topo: Topology, previous: Reading | None = Non
         cpu_some_now=cpu_now,
         memory_some_now=memory_now,
         memory_full_now=memory_full_now,
+        offlining=offlining,
+        offlined_at=offlined_at,
     )
 
 
@@ -296,6 +306,8 @@ class Agent:
         self._act_lock = asyncio.Lock()
         self._lock_wanted = 0  # holders and waiters of _act_lock (see _exclusive)
         self._acting: tuple[str, float] | None = None  # what holds the lock, since when
+        # When the last reclaim that wrote to sysfs ended (policy.Sample.offlining).
+        self._offlined_at = math.nan
         self._seen_ids: collections.deque[tuple[str, int]] = collections.deque(maxlen=256)
         self._request_id = 0
         self._last_request: tuple[int, int, float] | None = None  # cpus, bytes, when
@@ -445,7 +457,13 @@ class Agent:
         reading = self.sensor.sample()
         previous, self.last_reading = self.last_reading, reading
         topo = self.topo
-        sample = make_sample(reading, topo, previous)
+        # A reclaim running now, or one that ended within the span this
+        # reading's busy shares cover, loaded the CPUs itself.
+        reclaiming = self._acting is not None and self._acting[0] == "reclaim"
+        offlining = reclaiming or self._offlined_at > reading.since
+        sample = make_sample(
+            reading, topo, previous, offlining=offlining, offlined_at=self._offlined_at
+        )
         self.samples.append(sample)
         decisions, self.policy_state = self.policy_engine.decide(
             list(self.samples),
@@ -481,6 +499,8 @@ class Agent:
         online = topo.online_cpus
         if granted is None or granted.cpus <= online or not topo.standby_cpus:
             return False
+        if sample.offlining:
+            return False  # the stalls are the agent's own reclaim's
         threshold = self.config.policy.cpu.psi_some_threshold_percent
         if not (sample.run_queue > online and sample.cpu_some_now >= threshold):
             return False
@@ -730,6 +750,8 @@ class Agent:
         results, note = await self._exclusively(
             "reclaim", lambda: self._offline_down_to(target, floor, deadline)
         )
+        if any(item.outcome is not Outcome.ALREADY for item in results):
+            self._offlined_at = time.monotonic()
         if note:
             notes.append(note)
         topo = self.topo

@@ -91,6 +91,13 @@ class Sample:
     cpu_some_now: float = math.nan
     memory_some_now: float = math.nan
     memory_full_now: float = math.nan
+    # The agent's own reclaims: offlining a memory block migrates its pages,
+    # which keeps the CPUs busy, the run queue long and CPU PSI up while it
+    # lasts (over a second under TCG). `offlining`: a reclaim ran during this
+    # period, whose CPU figures then say nothing about the load. `offlined_at`:
+    # when the last one ended (NaN: none yet).
+    offlining: bool = False
+    offlined_at: float = math.nan
 
 
 @dataclass(frozen=True)
@@ -485,6 +492,10 @@ class _CpuFacts(NamedTuple):
     # Every CPU busy all period and more tasks runnable than CPUs: tasks are
     # waiting now, a measurement, not noise; avg10 shows it a second late.
     saturated: bool
+    # Within the settle time of the agent's own reclaim: avg10 still shows
+    # the stalls its page migration made, and the host's unplug makes more.
+    after_reclaim: bool
+    reclaiming: bool  # the sample overlaps a reclaim: no load figures at all
 
 
 class _MemoryFacts(NamedTuple):
@@ -523,6 +534,9 @@ def _cpu_facts(s: Sample, p: CpuParams) -> _CpuFacts | None:
     online = _whole(s.online_cpus, 1)
     if online is None:
         return None
+    if s.offlining:
+        blind = (s.at, online, None, None, None, False, False, None, False, False, True)
+        return _new(_CpuFacts, blind)
     threshold = p.psi_some_threshold_percent
     busy, psi, run_queue = _amount(s.cpu_busy), _percent(s.cpu_some), _whole(s.run_queue)
     saturated = (
@@ -534,8 +548,22 @@ def _cpu_facts(s: Sample, p: CpuParams) -> _CpuFacts | None:
     stalled = psi is not None and psi >= threshold
     ongoing = _at_least(s.cpu_some_now, threshold)
     util_need = _ceil(busy / p.target_utilisation_ratio) if busy is not None else None
+    offlined_at = _amount(s.offlined_at)
+    after_reclaim = offlined_at is not None and s.at - offlined_at < p.psi_settle_seconds
     # Positional: this runs for every sample read.
-    facts = (s.at, online, busy, run_queue, psi, stalled, ongoing, util_need, saturated)
+    facts = (
+        s.at,
+        online,
+        busy,
+        run_queue,
+        psi,
+        stalled,
+        ongoing,
+        util_need,
+        saturated,
+        after_reclaim,
+        False,
+    )
     return _new(_CpuFacts, facts)
 
 
@@ -543,11 +571,23 @@ def _cpu_row(
     f: _CpuFacts, before: _CpuFacts | None, settling: bool, p: CpuParams
 ) -> tuple[_Reading, str]:
     """The sample's reading given the one before it, and why a stall does not count."""
+    if f.reclaiming:
+        # Keep what is online: no grow, and within the grow window after the
+        # reclaim none on utilisation either. Nothing measured for the shrink.
+        return _new(_Reading, (f.at, f.current, f.current, None, False, False, False, None, "")), ""
     rising = before is not None and _rose(f.psi, before.psi)
     falling = before is not None and _fell(f.psi, before.psi)
-    not_counted = _why_not(f.stalled, rising, settling, falling, f.ongoing)
-    stall = not not_counted
     target = p.target_utilisation_ratio
+    not_counted = _why_not(f.stalled, rising, settling, falling, f.ongoing)
+    if not not_counted and f.after_reclaim:
+        # avg10 rises for an update or two after the migration stopped, and
+        # the host's unplug that follows the Ack stalls tasks in the guest's
+        # kernel with its CPUs mostly idle: more CPUs answer neither. A stall
+        # counts when the period itself stalled with the CPUs busy.
+        busy = f.busy is not None and f.busy > target * f.current
+        if not (f.ongoing and busy):
+            not_counted = "after the agent's own reclaim"
+    stall = not not_counted
     need: float | None = f.util_need
     if stall:
         # More than we had, and room for every task the run queue holds.
@@ -560,6 +600,8 @@ def _cpu_row(
 
 
 def _cpu_why(f: _CpuFacts, row: _Reading, not_counted: str, p: CpuParams) -> str:
+    if f.reclaiming:
+        return "the agent's own reclaim ran, which loads the CPUs itself"
     target = p.target_utilisation_ratio
     threshold = p.psi_some_threshold_percent
     busy, online, psi, run_queue = f.busy, f.current, f.psi, f.run_queue

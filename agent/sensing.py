@@ -322,6 +322,7 @@ class Reading:
     a baseline sample at least `MIN_SPAN_SECONDS` older, when there is one."""
 
     at: float  # time.monotonic() seconds
+    since: float  # start of the span busy shares and rates cover (`at` for the first)
     cpu_busy: float  # CPUs' worth of non-idle time (0..online_cpus)
     per_cpu_busy: tuple[float, ...]  # 0..1 per online CPU, in cpuN order
     online_cpus: int
@@ -490,6 +491,7 @@ class Sensor:
         io_full = io_psi.full if io_psi.full is not None else _NO_PSI.some
         return Reading(
             at=at,
+            since=previous.at if previous is not None else at,
             cpu_busy=cpu_busy,
             per_cpu_busy=per_cpu_busy,
             online_cpus=online_cpus,

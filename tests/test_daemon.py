@@ -17,7 +17,7 @@ from typing import Any, cast
 import grpc.aio
 import pytest
 from prometheus_client import CollectorRegistry
-from simulation import LoadDriver, agent_config, make_agent, running
+from simulation import LoadDriver, agent_config, make_agent, running, until
 
 from agent import policy
 from agent.actuator import Actuator
@@ -25,7 +25,7 @@ from agent.config import AgentConfig, CpuLimits, MemoryLimits
 from agent.daemon import Agent, LiveStateFile, RepeatedWarnings
 from agent.kernel import Kernel, KernelReadError
 from agent.metrics import AgentMetrics
-from agent.sensing import Sensor
+from agent.sensing import MIN_SPAN_SECONDS, Sensor
 from agent.session import BrokerLink
 from agent.udev import OnliningRule
 from vmtide.fakesys import FakeGuest, FakeKernelWriter, Load
@@ -375,8 +375,8 @@ async def test_sensing_goes_on_while_a_reclaim_offlines(
     guest: FakeGuest, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A reclaim's offline write hangs until its deadline (2 s here; 30 s plus
-    # the kill grace on a real guest) while the policy wants to grow: the
-    # sensing loop must keep feeding the watchdog rather than wait its turn.
+    # the kill grace on a real guest) while the load is over what is online:
+    # the sensing loop must keep feeding the watchdog rather than wait its turn.
     caplog.set_level(logging.DEBUG, logger="vmtide.agent")
     agent, link = build(guest)
     # Granted 3 CPUs; cpu2 cannot come online, so the policy keeps trying.
@@ -401,9 +401,37 @@ async def test_sensing_goes_on_while_a_reclaim_offlines(
     assert took >= 1.5, "the offline did not hang"
     gaps = [b - a for a, b in zip([started, *during], [*during, started + took], strict=True)]
     assert max(gaps) < 0.6, f"the sensing loop stalled for {max(gaps):.1f} s"
-    assert "reclaim in progress; growing at a later cycle" in caplog.text
+    # Its samples say the reclaim's own page migration loaded the CPUs: the
+    # policy holds rather than grows on them (the next test).
+    assert "growing at a later cycle" not in caplog.text
     items = [(i.index, i.outcome) for i in link.acks()[-1].items]
     assert (11, pb.OUTCOME_TIMED_OUT) in items
+
+
+async def test_samples_that_overlap_a_reclaim_say_so_for_the_policy(guest: FakeGuest) -> None:
+    # The reclaim's offline write takes its 2 s deadline; its page migration
+    # would load the CPUs in a real guest. Samples whose busy shares cover any
+    # of it are marked, and later ones carry when it ended.
+    agent, _ = build(guest)
+    await agent.on_broker_message(grant(1, 3, 1536 * MiB))
+    guest.set_faults([{"kind": "memory", "index": 11, "effect": "hang", "value": "offline"}])
+    driver = LoadDriver(guest, Load(cpus=0.2, memory_bytes=300 * MiB))
+    async with running(driver.run, agent._sensing_loop):
+        await until(lambda: len(agent.samples) >= 3, 10, "samples before the reclaim")
+        started = time.monotonic()
+        await agent.on_broker_message(reclaim(2, 3, 1408 * MiB))
+        ended = time.monotonic()
+        await until(lambda: agent.samples[-1].at > ended + 1.0, 10, "samples after the reclaim")
+    samples = list(agent.samples)
+    assert not any(s.offlining for s in samples if s.at < started)
+    during = [s for s in samples if started < s.at < ended]
+    assert len(during) >= 5 and all(s.offlining for s in during)
+    end = samples[-1].offlined_at
+    assert started + 1.5 < end <= ended
+    # A busy share spans half a second at least: those just after still reach
+    # back into the reclaim; a second on, none does.
+    assert all(s.offlining for s in samples if end < s.at < end + MIN_SPAN_SECONDS)
+    assert not samples[-1].offlining
 
 
 class ReadFailsAfter(Kernel):

@@ -334,6 +334,76 @@ def test_cpu_stall_the_totals_still_see_is_not_easing() -> None:
     assert decision.direction != "grow" and "easing" in decision.reason, decision.reason
 
 
+def reclaim_in_an_idle_guest(marked: bool) -> list[Decisions]:
+    """An idle 1-CPU guest offlines memory for two seconds, as a reclaim does:
+    its page migration keeps the CPU busy with tasks queued behind it, and
+    avg10 climbs, then decays once it ends (the demo's TCG guest read busy
+    96-100 %, a run queue of 4-7 and CPU PSI some 12 %). With `marked`, the
+    samples say what the agent knows: it was offlining, and when it stopped."""
+    samples = history(60, online_cpus=1, cpu_busy=0.1)
+    decisions = []
+    psi = 0.0
+    for t in range(60, 80):
+        offlining = t in (60, 61)
+        psi = ema(psi, 60.0 if offlining else 0.0)
+        if t == 62:
+            psi = ema(psi, 60.0)  # a PSI update lands after the stalls ended
+        marks = {"offlining": offlining, "offlined_at": 61.2 if t >= 62 else math.nan}
+        samples.append(
+            calm(
+                float(t),
+                online_cpus=1,
+                cpu_busy=1.0 if offlining else 0.1,
+                run_queue=5 if offlining else 1,
+                cpu_some=psi,
+                cpu_some_now=60.0 if offlining else 0.0,
+                **(marks if marked else {}),
+            )
+        )
+        decisions.append(decide_one(samples))
+    return decisions
+
+
+def test_the_agents_own_offlining_does_not_grow_an_idle_guest() -> None:
+    # Unmarked, the same figures grow the guest: the test can fail.
+    assert max(cpu_targets(reclaim_in_an_idle_guest(marked=False))) > 1
+    decisions = reclaim_in_an_idle_guest(marked=True)
+    assert cpu_targets(decisions) == [1] * len(decisions), [d.cpu.reason for d in decisions]
+    assert "own reclaim" in decisions[0].cpu.reason
+    assert "after the agent's own reclaim" in decisions[2].cpu.reason
+
+
+@pytest.mark.parametrize(
+    ("busy", "stalled_now", "grows"),
+    [
+        (0.92, 40.0, True),  # this period stalled, the CPU busy: a load of its own
+        (0.4, 40.0, False),  # stalls with the CPU mostly idle: the host's unplug
+        (0.92, 0.0, False),  # no stall this period: avg10 lagging behind the migration
+    ],
+)
+def test_after_a_reclaim_a_stall_counts_when_the_period_stalled_busy(
+    busy: float, stalled_now: float, grows: bool
+) -> None:
+    samples = history(60, online_cpus=1, cpu_busy=0.1)
+    samples.append(calm(60.0, online_cpus=1, cpu_busy=1.0, run_queue=5, offlining=True))
+    samples.append(
+        calm(
+            61.0,
+            online_cpus=1,
+            cpu_busy=busy,
+            run_queue=3,
+            cpu_some=14.0,
+            cpu_some_now=stalled_now,
+            offlined_at=60.5,
+        )
+    )
+    decision = decide_one(samples).cpu
+    assert (decision.direction == "grow") is grows, decision.reason
+    # Past the settle time the same figures are a stall like any other.
+    late = [replace(s, at=s.at + 20.0) if s.at == 61.0 else s for s in samples]
+    assert decide_one(late).cpu.direction == "grow" or not stalled_now
+
+
 def test_moderate_psi_holds_a_shrink() -> None:
     samples = history(300, online_cpus=4, cpu_busy=1.0, cpu_some=6.0)
     decision = decide_one(samples).cpu
@@ -815,6 +885,8 @@ _sample_fields = st.fixed_dictionaries(
         "memory_online": _field(0, 4 * GiB, integer=True),
         "cpu_some_now": _field(0, 40),
         "memory_some_now": _field(0, 30),
+        "offlining": st.sampled_from([False, False, False, True]),
+        "offlined_at": st.one_of(st.just(math.nan), _field(0, 30)),
     }
 )
 # Short windows, so a few dozen samples slide through several of them.
