@@ -7,9 +7,11 @@ Run by `bench/vm_reaction.py` in a real guest next to `vmtide-agent`. Each run
 waits until the guest is at rest, starts the load (busy loops, or a process
 writing to MiB of memory) and notes the time, polls sysfs every 10 ms until a
 CPU or memory block more is online, and appends one JSON line: the load step,
-the agent's decision, the grant reaching it and the new resource seen online,
-all on this guest's clock (the agent's log is on the same clock). Then it
-stops the load and waits for the guest to shrink back before the next run.
+the moment the guest needed more (for memory, when the writer had used up the
+agent's headroom: /proc/meminfo, polled with sysfs), the agent's decision, the
+grant reaching it and the new resource seen online, all on this guest's clock
+(the agent's log is on the same clock). Then it stops the load and waits for
+the guest to shrink back before the next run.
 
 Standard library only, and cheap: every millisecond it spends runs under TCG
 next to the agent it measures.
@@ -82,6 +84,22 @@ def present(resource: str) -> int:
     return cpu_count("present") if resource == "cpus" else blocks(None)
 
 
+def memory_short(rest_bytes: int, headroom_min: int, headroom_share: float) -> bool:
+    """Whether the guest needs more memory than `rest_bytes` online, by the
+    agent's headroom rule (agent/policy.py, _memory_facts): the moment a
+    detector with no delay would grow."""
+    fields = {}
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            name, _, rest = line.partition(b":")
+            if name in (b"MemTotal", b"MemAvailable"):
+                fields[name] = int(rest.split()[0]) * 1024
+    total, available = fields[b"MemTotal"], fields[b"MemAvailable"]
+    used = total - available
+    overhead = max(0, rest_bytes - total)
+    return overhead + max(used + headroom_min, used / (1 - headroom_share)) > rest_bytes
+
+
 def until(
     condition: Callable[[], bool],
     deadline: float,
@@ -146,11 +164,20 @@ def first(events: list[tuple[float, str]], pattern: str, after: float) -> tuple[
 
 def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> dict[str, object]:
     offset = args.log.stat().st_size
+    rest_bytes = base_online * args.block_size
     step = time.time()
+    # Busy loops want their CPUs at once; memory is wanted once the writing
+    # process has used up the headroom, partway through its fill.
+    needed: list[float] = [step] if args.resource == "cpus" else []
+
+    def grown() -> bool:
+        if not needed and memory_short(rest_bytes, args.headroom_min, args.headroom_share):
+            needed.append(time.time())
+        return online(args.resource) > base_online
+
     pids = start_load(args.resource, args.amount)
     try:
-        grown = time.monotonic() + GROW_TIMEOUT_SECONDS
-        seen = until(lambda: online(args.resource) > base_online, grown, "growth")
+        seen = until(grown, time.monotonic() + GROW_TIMEOUT_SECONDS, "growth")
     finally:
         stop_load(pids)
     time.sleep(0.5)  # the agent logs its grant and onlining after the write itself
@@ -161,6 +188,7 @@ def run_once(args: argparse.Namespace, base_online: int, base_present: int) -> d
     return {
         "resource": args.resource,
         "step": step,
+        "needed": needed[0] if needed else None,
         "decided": decided,
         "decision": decision,
         "granted": granted,
@@ -205,7 +233,10 @@ def main() -> int:
         help="the boot size, taken before the agent started: two lines, online and"
         " plugged (CPU lists for cpus, block counts for memory)",
     )
+    parser.add_argument("--headroom-min", type=int, default=384 << 20, help="bytes")
+    parser.add_argument("--headroom-share", type=float, default=0.1)
     args = parser.parse_args()
+    args.block_size = int((MEMORY / "block_size_bytes").read_text(), 16)
     # Not read here: this script starts beside the agent, and under TCG the
     # agent may have grown the guest for its own start-up by then.
     first, second = args.rest.read_text().split()

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,12 +40,14 @@ from vm.build_image import ensure_image
 from vm.harness import VMOptions, VMs
 from vm.rig import GiB, ListHandler, Rig, free_port
 
+from agent.policy import MemoryParams
 from bench.machine import describe_machine, revision
 from broker.config import PoolConfig
 
 REPO = Path(__file__).resolve().parents[1]
 GUEST_DRIVER = REPO / "bench" / "guest_reaction.py"
 POOL = PoolConfig(cpus=8, memory_bytes=16 * GiB)
+HEADROOM = MemoryParams()  # the config below keeps the default headroom
 # Boot plus the agent's imports under TCG, then every run's growth and shrink.
 CONNECT_TIMEOUT_SECONDS = 180.0
 RUN_TIMEOUT_SECONDS = 400.0
@@ -120,7 +122,7 @@ REST_SNAPSHOT = {
 }
 QUICK_CASES = ("cpu-hotplug", "cpu-standby", "memory-virtio-mem")
 
-PHASES = ("detection", "negotiation", "hotplug", "onlining", "total")
+PHASES = ("ramp", "detection", "negotiation", "hotplug", "onlining", "total")
 
 
 def scrape_hotplug(port: int, guest: str, resource: str) -> tuple[float, float]:
@@ -142,7 +144,7 @@ def scrape_hotplug(port: int, guest: str, resource: str) -> tuple[float, float]:
 
 
 def phases(
-    run: dict[str, float | None], hotplug: float, standby: bool = False
+    run: Mapping[str, float | None], hotplug: float, standby: bool = False
 ) -> dict[str, float] | None:
     """A run's phases in seconds, or None when the agent's log missed a step.
     A standby resource is onlined on the decision: no grant to wait for."""
@@ -151,8 +153,13 @@ def phases(
         granted, hotplug = decided, 0.0
     if step is None or decided is None or granted is None or seen is None:
         return None
+    # Memory is needed partway through the writer's fill. The agent may see
+    # it a poll before the driver, or grow on pressure before the headroom
+    # runs out (no need seen): detection 0 then.
+    needed = min(run.get("needed") or decided, decided)
     return {
-        "detection": max(decided - step, 0.0),
+        "ramp": max(needed - step, 0.0),
+        "detection": max(decided - needed, 0.0),
         "negotiation": max(granted - decided - hotplug, 0.0),
         "hotplug": hotplug,
         "onlining": max(seen - granted, 0.0),
@@ -169,6 +176,8 @@ async def measure(case: Case, runs: int, interval: float, workdir: Path) -> list
             shlex.quote(str(a))
             for a in (
                 "--resource", case.resource, "--amount", case.amount, "--runs", runs,
+                "--headroom-min", HEADROOM.headroom_min_bytes,
+                "--headroom-share", HEADROOM.headroom_percent / 100,
             )
         )  # fmt: skip
         script = (
@@ -282,7 +291,10 @@ def report(
         "  pool far above the guest's maximum. Git revision: " + code + ".",
         f"- Runs per case: {runs}. p99 is the nearest rank: with few runs, the slowest.",
         "",
-        "Phases: **detection** (load step to the agent's grow decision, guest clock),",
+        "Phases: **ramp** (load step to the guest needing more: at once for busy loops,",
+        "for memory once the writer has used up the agent's headroom, read from",
+        "/proc/meminfo every 10 ms), **detection** (need to the agent's grow decision,",
+        "guest clock),",
         "**negotiation** (decision to the grant reaching the agent, less the hot-plug),",
         "**hotplug** (the broker's QMP commands and QEMU's answers, host clock),",
         "**onlining** (grant to the resource online in sysfs, guest clock).",

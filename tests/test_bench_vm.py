@@ -90,3 +90,18 @@ def test_reaction_quick(tmp_path: Path) -> None:
     assert raw, text
     runs = json.loads(raw[1])
     assert all(run["hotplug"] > 0 for run in runs["cpu-hotplug"]), runs
+
+
+def test_reaction_phases_split_the_memory_ramp_from_detection() -> None:
+    from bench.vm_reaction import phases
+
+    run = {"step": 100.0, "needed": 104.0, "decided": 104.6, "granted": 104.7, "online": 105.0}
+    got = phases(run, hotplug=0.02)
+    assert got is not None
+    assert got["ramp"] == pytest.approx(4.0) and got["detection"] == pytest.approx(0.6)
+    assert got["negotiation"] == pytest.approx(0.08) and got["total"] == pytest.approx(5.0)
+    # Grown on pressure before the headroom ran out: all of it was the ramp.
+    early = phases({**run, "needed": None}, hotplug=0.02)
+    assert early is not None and early["detection"] == 0 and early["ramp"] == pytest.approx(4.6)
+    # A log that missed the decision is no run.
+    assert phases({**run, "decided": None}, hotplug=0.02) is None
