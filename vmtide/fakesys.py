@@ -17,7 +17,9 @@ memory.c state_store) and the faults planted in `root/faults.json`:
 - boot memory sits in ZONE_NORMAL and refuses offlining with EBUSY, like a
   kernel zone holding unmovable pages;
 - planted faults refuse with an errno, hang until the deadline, or make the
-  block vanish between listing and writing.
+  block vanish between listing and writing;
+- a state change and the host's plugs and unplugs never interleave: they take
+  a lock on `root/.hotplug.lock`, as the kernel's take device_hotplug_lock.
 
 The host side (`FakeGuest`) plugs and unplugs CPUs and blocks, and `tick()`
 turns a simulated load into /proc/stat, /proc/meminfo and PSI figures.
