@@ -401,8 +401,8 @@ async def test_sensing_goes_on_while_a_reclaim_offlines(
     assert took >= 1.5, "the offline did not hang"
     gaps = [b - a for a, b in zip([started, *during], [*during, started + took], strict=True)]
     assert max(gaps) < 0.6, f"the sensing loop stalled for {max(gaps):.1f} s"
-    # Its samples say the reclaim's own page migration loaded the CPUs: the
-    # policy holds rather than grows on them (the next test).
+    # Its samples are marked as the reclaim's (the next test), and the policy
+    # holds the CPUs on such samples rather than grow (tests/test_policy.py).
     assert "growing at a later cycle" not in caplog.text
     items = [(i.index, i.outcome) for i in link.acks()[-1].items]
     assert (11, pb.OUTCOME_TIMED_OUT) in items
