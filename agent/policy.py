@@ -397,29 +397,37 @@ class _Reading(NamedTuple):
     why: str  # the signals behind `need`, for reasons; newest sample only
 
 
-def _why_not(stalled: bool, rising: bool, settling: bool, falling: bool, ongoing: bool) -> str:
+def _why_not(
+    stalled: bool, rising: bool, settling: bool, falling: bool, ongoing: bool | None
+) -> str:
     """Whether a stall counts ("" where it does, else why not): avg10 lags, so
     right after a grow it still shows the stalls the grow answered; only a
-    rising avg10 is news then. Later, a falling avg10 is a stall that has
-    eased (avg10 takes ~20 s to decay from a spike) and does not grow the
-    guest either, unless the period itself still stalled over the threshold
-    (`ongoing`, from the totals): a shortage nobody answered keeps counting
-    while its avg10 drifts down."""
+    rising avg10 is news then. Later, an avg10 that does not rise is a stall
+    that has eased (avg10 takes ~20 s to decay from a spike) and does not grow
+    the guest either, unless the period itself still stalled over the
+    threshold (`ongoing`, from the totals): a shortage nobody answered keeps
+    counting while its avg10 drifts down. The kernel updates avg10 every 2 s,
+    so samples half a second apart often read the same value: not falling,
+    yet the totals say whether the period stalled. Without totals (None),
+    only a falling avg10 eases."""
     if not stalled:
         return "no stall"
     if rising:
         return ""
     if settling:
         return "settling after grow"
-    if falling and not ongoing:
+    if ongoing is False or (falling and not ongoing):
         return "easing"
     return ""
 
 
-def _at_least(value: float, threshold: float) -> bool:
-    """A percentage known and at or over the threshold (NaN and junk are unknown)."""
-    number = _percent(value)
-    return number is not None and number >= threshold
+def _ongoing(*shares: tuple[float, float]) -> bool | None:
+    """Whether the period stalled at or over a threshold by any (share, threshold)
+    of the totals; None when none of the shares is known."""
+    known = [(number, limit) for value, limit in shares if (number := _percent(value)) is not None]
+    if not known:
+        return None
+    return any(number >= limit for number, limit in known)
 
 
 def _rose(now: float | None, before: float | None) -> bool:
@@ -487,7 +495,7 @@ class _CpuFacts(NamedTuple):
     run_queue: int | None
     psi: float | None
     stalled: bool  # PSI at or over the threshold, before the settle rule
-    ongoing: bool  # the period itself stalled over the threshold (the totals)
+    ongoing: bool | None  # the period itself stalled over the threshold (None: no totals)
     util_need: int | None
     # Every CPU busy all period and more tasks runnable than CPUs: tasks are
     # waiting now, a measurement, not noise; avg10 shows it a second late.
@@ -507,7 +515,7 @@ class _MemoryFacts(NamedTuple):
     available: int | None
     pressure: _Pressure
     stalled: bool  # memory pressure over a threshold, before the settle rule
-    ongoing: bool
+    ongoing: bool | None
     measured: float | None  # used + headroom, without a stall's guess
     headroom: float
     urgent: bool
@@ -535,7 +543,7 @@ def _cpu_facts(s: Sample, p: CpuParams) -> _CpuFacts | None:
     if online is None:
         return None
     if s.offlining:
-        blind = (s.at, online, None, None, None, False, False, None, False, False, True)
+        blind = (s.at, online, None, None, None, False, None, None, False, False, True)
         return _new(_CpuFacts, blind)
     threshold = p.psi_some_threshold_percent
     busy, psi, run_queue = _amount(s.cpu_busy), _percent(s.cpu_some), _whole(s.run_queue)
@@ -546,7 +554,7 @@ def _cpu_facts(s: Sample, p: CpuParams) -> _CpuFacts | None:
         and run_queue > online
     )
     stalled = psi is not None and psi >= threshold
-    ongoing = _at_least(s.cpu_some_now, threshold)
+    ongoing = _ongoing((s.cpu_some_now, threshold))
     util_need = _ceil(busy / p.target_utilisation_ratio) if busy is not None else None
     offlined_at = _amount(s.offlined_at)
     after_reclaim = offlined_at is not None and s.at - offlined_at < p.psi_settle_seconds
@@ -662,7 +670,7 @@ def _memory_facts(s: Sample, block: int, p: MemoryParams) -> _MemoryFacts | None
         need = overhead + max(used + p.headroom_min_bytes, used / (1 - share))
         headroom = max(p.headroom_min_bytes, share * total)
         urgent = urgent or available < p.urgent_headroom_ratio * headroom
-    ongoing = _at_least(s.memory_some_now, some_limit) or _at_least(s.memory_full_now, full_limit)
+    ongoing = _ongoing((s.memory_some_now, some_limit), (s.memory_full_now, full_limit))
     pressure = (some, full, swap_in)
     facts = (s.at, current, total, available, pressure, stalled, ongoing, need, headroom, urgent)
     return _new(_MemoryFacts, facts)

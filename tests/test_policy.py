@@ -338,16 +338,16 @@ def reclaim_in_an_idle_guest(marked: bool) -> list[Decisions]:
     """An idle 1-CPU guest offlines memory for two seconds, as a reclaim does:
     its page migration keeps the CPU busy with tasks queued behind it, and
     avg10 climbs, then decays once it ends (the demo's TCG guest read busy
-    96-100 %, a run queue of 4-7 and CPU PSI some 12 %). With `marked`, the
+    96-100 %, a run queue of 4-7 and CPU PSI some 12 %). Right after, the
+    host's unplug stalls tasks with the CPU mostly idle. With `marked`, the
     samples say what the agent knows: it was offlining, and when it stopped."""
     samples = history(60, online_cpus=1, cpu_busy=0.1)
     decisions = []
     psi = 0.0
     for t in range(60, 80):
         offlining = t in (60, 61)
-        psi = ema(psi, 60.0 if offlining else 0.0)
-        if t == 62:
-            psi = ema(psi, 60.0)  # a PSI update lands after the stalls ended
+        unplugging = t == 62
+        psi = ema(psi, 60.0 if offlining or unplugging else 0.0)
         marks = {"offlining": offlining, "offlined_at": 61.2 if t >= 62 else math.nan}
         samples.append(
             calm(
@@ -356,7 +356,7 @@ def reclaim_in_an_idle_guest(marked: bool) -> list[Decisions]:
                 cpu_busy=1.0 if offlining else 0.1,
                 run_queue=5 if offlining else 1,
                 cpu_some=psi,
-                cpu_some_now=60.0 if offlining else 0.0,
+                cpu_some_now=60.0 if offlining else 30.0 if unplugging else 0.0,
                 **(marks if marked else {}),
             )
         )
@@ -402,6 +402,25 @@ def test_after_a_reclaim_a_stall_counts_when_the_period_stalled_busy(
     # Past the settle time the same figures are a stall like any other.
     late = [replace(s, at=s.at + 20.0) if s.at == 61.0 else s for s in samples]
     assert decide_one(late).cpu.direction == "grow" or not stalled_now
+
+
+def test_an_avg10_between_kernel_updates_is_not_a_fresh_stall() -> None:
+    # The kernel updates avg10 every 2 s; the agent samples every half second
+    # after a trigger. An idle guest's decaying avg10 reads the same value in
+    # consecutive samples: not falling, but the totals say the period did not
+    # stall. (A real-VM test saw an idle guest ask for CPUs every second on it
+    # for a minute and a half, starving its neighbour.)
+    samples = history(60, online_cpus=2, cpu_busy=0.3, cpu_some=30.0)
+    at = 60.0
+    for avg10 in (26.5, 22.4, 19.4, 17.4, 15.1, 13.1, 11.4):
+        for _ in range(4):
+            samples.append(calm(at, online_cpus=2, cpu_busy=0.3, cpu_some=avg10, cpu_some_now=0.0))
+            decision = decide_one(samples).cpu
+            assert decision.direction != "grow", decision.reason
+            at += 0.5
+    # The same flat avg10 with the period still stalling keeps asking.
+    samples.append(calm(at, online_cpus=2, cpu_busy=0.3, cpu_some=11.4, cpu_some_now=30.0))
+    assert decide_one(samples).cpu.direction == "grow"
 
 
 def test_moderate_psi_holds_a_shrink() -> None:
