@@ -273,11 +273,16 @@ async def test_two_guests_compete_and_priority_wins(vms: VMs, tmp_path: Path) ->
         high, low = made.guests["high"], made.guests["low"]
         # Start from rest: an agent starting under TCG looks like load to its
         # own guest, and a guest that grew for it first keeps the surplus
-        # until its shrink window has passed.
+        # until its shrink window has passed. Both agents connected and granted
+        # their minimum, not only one CPU online before their first request.
+        def at_rest(setup: Setup) -> bool:
+            state = setup.state()
+            return (
+                setup.guest_cpus() == {0} and state["connected"] and state["granted"]["cpus"] == 1
+            )
+
         await high.until(
-            lambda: high.guest_cpus() == {0} and low.guest_cpus() == {0},
-            SHRINK_TIMEOUT_SECONDS,
-            "both guests at rest",
+            lambda: at_rest(high) and at_rest(low), SHRINK_TIMEOUT_SECONDS, "both guests at rest"
         )
         low.load(cpus=2)
         await low.until(lambda: len(low.guest_cpus()) == 2, GROW_TIMEOUT_SECONDS, "low grows")
