@@ -271,6 +271,7 @@ async def test_two_guests_compete_and_priority_wins(vms: VMs, tmp_path: Path) ->
     guests = [("high", VMOptions(maxcpus=8), 10), ("low", VMOptions(maxcpus=8), 0)]
     async with rig(vms, tmp_path, pool, guests) as made:
         high, low = made.guests["high"], made.guests["low"]
+
         # Start from rest: an agent starting under TCG looks like load to its
         # own guest, and a guest that grew for it first keeps the surplus
         # until its shrink window has passed. Both agents connected and granted
