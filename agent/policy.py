@@ -202,6 +202,10 @@ class CpuParams:
     grow_window_seconds: float = 2.0
     # PSI cpu some avg10 at or above this means tasks stall: grow past need.
     psi_some_threshold_percent: float = 10.0
+    # ...but only with the CPUs busy at least this share of the period: tasks
+    # that wait while the CPUs idle most of it wait on bursts, a quota or a
+    # host that did not run the vCPU, none of which more CPUs answer.
+    stall_busy_min_ratio: float = 0.5
     # After a grow, avg10 still shows the stalls from before for about its
     # 10 s window: a stall counts then only while avg10 is still rising.
     psi_settle_seconds: float = 10.0
@@ -224,6 +228,7 @@ class CpuParams:
     def __post_init__(self) -> None:
         _check(self, "target_utilisation_ratio", 0, 1, low_open=True)
         _check(self, "psi_some_threshold_percent", 0, 100, low_open=True)
+        _check(self, "stall_busy_min_ratio", 0, 1)
         _check_common(self)
 
 
@@ -595,6 +600,8 @@ def _cpu_row(
         busy = f.busy is not None and f.busy > target * f.current
         if not (f.ongoing and busy):
             not_counted = "after the agent's own reclaim"
+    elif not not_counted and f.busy is not None and f.busy < p.stall_busy_min_ratio * f.current:
+        not_counted = "CPUs mostly idle"
     stall = not not_counted
     need: float | None = f.util_need
     if stall:

@@ -274,12 +274,16 @@ async def test_two_guests_compete_and_priority_wins(vms: VMs, tmp_path: Path) ->
 
         # Start from rest: an agent starting under TCG looks like load to its
         # own guest, and a guest that grew for it first keeps the surplus
-        # until its shrink window has passed. Both agents connected and granted
-        # their minimum, not only one CPU online before their first request.
+        # until its shrink window has passed. Both agents connected, granted
+        # their minimum and asking for no more, not only one CPU online before
+        # their first request.
         def at_rest(setup: Setup) -> bool:
             state = setup.state()
             return (
-                setup.guest_cpus() == {0} and state["connected"] and state["granted"]["cpus"] == 1
+                setup.guest_cpus() == {0}
+                and state["connected"]
+                and state["granted"]["cpus"] == 1
+                and state["requested"]["cpus"] <= 1
             )
 
         await high.until(
