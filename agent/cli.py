@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import json
 import logging
-import os
 import signal
 import socket
 import sys
@@ -20,6 +18,7 @@ from agent import config as agent_config
 from agent import policy
 from agent.config import AgentConfig, ConfigError
 from agent.kernel import Kernel, KernelReadError
+from agent.memlock import lock_memory
 from agent.sensing import Sensor
 from agent.topology import Topology
 from vmtide import __version__
@@ -30,9 +29,6 @@ log = logging.getLogger("vmtide.agent")
 # sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus stops a restart
 # loop on a config that will never load.
 EXIT_CONFIG = 78
-# mlockall(2) flags; MCL_ONFAULT (Linux 4.4) locks pages as they are touched,
-# so the agent's resident set stays small but is never paged out.
-_MCL_CURRENT, _MCL_FUTURE, _MCL_ONFAULT = 1, 2, 4
 # The daemon rewrites its live state every sensing cycle (at most once a
 # second): older than this many cycles, no daemon is running, or it is stuck.
 _LIVE_STATE_STALE_CYCLES = 3
@@ -171,7 +167,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"vmtide-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG
     if config.agent.lock_memory:
-        _lock_memory()
+        lock_memory()
     if not config.agent.simulated_kernel:
         _protect_from_oom(config.agent.oom_score_adj)
     try:
@@ -179,16 +175,6 @@ def _run(args: argparse.Namespace) -> int:
     except KernelReadError as err:
         log.error("cannot read the guest's topology: %s", err)
         return 1
-
-
-def _lock_memory() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(_MCL_CURRENT | _MCL_FUTURE | _MCL_ONFAULT) != 0:
-        err = ctypes.get_errno()
-        log.warning(
-            "cannot lock the agent's memory (%s); it may be paged out under pressure",
-            os.strerror(err),
-        )
 
 
 def _protect_from_oom(score: int, path: Path = Path("/proc/self/oom_score_adj")) -> None:
