@@ -238,11 +238,13 @@ def report(
         f"Start-up (warm-up: imports and the first session): {startup.cpu:.2f} s of CPU;",
         f"peak RSS over the whole run {peak_rss:.1f} MiB.",
         "",
-        "RSS counts the pages of shared libraries the agent has touched; grpc's C core",
-        "alone is about 18 MiB of it (`import grpc` takes a bare Python from 13 to 31 MiB",
-        "here). Those pages are file-backed and clean: under memory pressure the kernel",
-        "drops them before anything else. USS, the pages only the agent holds, is what",
-        "the guest would get back if the agent exited.",
+        "RSS counts the pages of shared libraries the agent has mapped; grpc's C core",
+        "is about 13 MiB of it. The agent locks its memory (mlockall, as its unit has",
+        "it), so those pages stay resident; just before locking it unmaps the clean",
+        "library pages its imports mapped (agent/memlock.py), and only what it runs",
+        "afterwards maps back. USS counts the pages no other process maps: here the",
+        "benchmark process maps the same libraries (grpc among them), which a guest's",
+        "other processes do not.",
         "",
     ]
     return "\n".join(lines)
