@@ -54,6 +54,9 @@ RECENT_DECISIONS = 10
 # A warning that repeats (a file unreadable every cycle) is logged once per
 # this long, with how often it was seen meanwhile.
 REPEAT_WARNING_SECONDS = 60.0
+# What a reclaim's offlining holds the resize lock as: samples taken while it
+# runs measure the agent's own page migration, not the guest's load.
+_RECLAIM = "reclaim"
 
 _URGENCY = {
     policy.Urgency.LOW: pb.URGENCY_LOW,
@@ -459,7 +462,7 @@ class Agent:
         topo = self.topo
         # A reclaim running now, or one that ended within the span this
         # reading's busy shares cover, loaded the CPUs itself.
-        reclaiming = self._acting is not None and self._acting[0] == "reclaim"
+        reclaiming = self._acting is not None and self._acting[0] == _RECLAIM
         offlining = reclaiming or self._offlined_at > reading.since
         sample = make_sample(
             reading, topo, previous, offlining=offlining, offlined_at=self._offlined_at
@@ -748,7 +751,7 @@ class Agent:
         if target.memory_bytes < floor.memory_bytes:
             notes.append(f"the guest's minimum is {_fmt('memory', floor.memory_bytes)}")
         results, note = await self._exclusively(
-            "reclaim", lambda: self._offline_down_to(target, floor, deadline)
+            _RECLAIM, lambda: self._offline_down_to(target, floor, deadline)
         )
         if any(item.outcome is not Outcome.ALREADY for item in results):
             self._offlined_at = time.monotonic()

@@ -203,8 +203,9 @@ class CpuParams:
     # PSI cpu some avg10 at or above this means tasks stall: grow past need.
     psi_some_threshold_percent: float = 10.0
     # ...but only with the CPUs busy at least this share of the period: tasks
-    # that wait while the CPUs idle most of it wait on bursts, a quota or a
-    # host that did not run the vCPU, none of which more CPUs answer.
+    # that wait while the CPUs idle most of it wait on a host that ran the
+    # vCPU late or a quota, which more CPUs do not answer, or on bursts, which
+    # they answer only by idling.
     stall_busy_min_ratio: float = 0.5
     # After a grow, avg10 still shows the stalls from before for about its
     # 10 s window: a stall counts then only while avg10 is still rising.
