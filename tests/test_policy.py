@@ -426,10 +426,10 @@ def test_an_avg10_between_kernel_updates_is_not_a_fresh_stall() -> None:
 
 @pytest.mark.parametrize(("busy", "grows"), [(0.36, False), (0.49, False), (0.5, True)])
 def test_a_stall_with_the_cpus_mostly_idle_is_not_a_shortage(busy: float, grows: bool) -> None:
-    # An idle 1-vCPU guest under TCG, its neighbour loaded: the agent's own
-    # sampling (at Nice -10) made other tasks wait, and the host ran the vCPU
-    # late. avg10 rising, the period itself stalled, a run queue of three; a
-    # CI run saw it take the host's spare CPU from the guest that needed it.
+    # An idle 1-vCPU guest under TCG, its neighbour loaded on a 2-core host:
+    # avg10 rising, the period itself stalled, a run queue of three, the CPU
+    # idle two thirds of the time. A CI run saw it take the host's spare CPU
+    # from the guest that needed it.
     samples = history(60, online_cpus=1, cpu_busy=0.3, cpu_some=40.0)
     samples.append(
         calm(60.0, online_cpus=1, cpu_busy=busy, cpu_some=67.5, cpu_some_now=60.0, run_queue=3)
