@@ -63,8 +63,8 @@ class Mapping:
 
 
 def parse_smaps(lines: Iterable[str]) -> Iterator[Mapping]:
-    """The mappings of /proc/<pid>/smaps (proc(5)); a mapping missing a field counts
-    it as dirty, so it is never dropped."""
+    """The mappings of /proc/<pid>/smaps (proc(5)). A mapping without its
+    Anonymous or dirty counts is taken as dirty: it is never dropped."""
     header: list[str] | None = None
     fields: dict[str, int] = {}
 
