@@ -24,6 +24,7 @@ windows.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator
@@ -36,6 +37,14 @@ log = logging.getLogger("vmtide.agent")
 # so the agent's resident set stays small but is never paged out.
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
 MADV_DONTNEED = 4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    # size_t and a pointer: the default int would truncate addresses.
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return libc
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,11 @@ def parse_smaps(lines: Iterable[str]) -> Iterator[Mapping]:
 
 def drop_clean_file_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
     """Unmap the pages of this process's clean read-only file mappings; KiB dropped."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     with smaps.open() as f:
         mappings = [m for m in parse_smaps(f) if m.droppable]
     dropped = 0
     for m in mappings:
-        if libc.madvise(m.start, m.end - m.start, MADV_DONTNEED) == 0:
+        if _libc().madvise(m.start, m.end - m.start, MADV_DONTNEED) == 0:
             dropped += m.rss_kib
         else:
             log.debug("madvise %s: %s", m.path, os.strerror(ctypes.get_errno()))
@@ -121,8 +128,7 @@ def lock_memory() -> None:
         log.debug("cannot read the agent's mappings (%s); locking them as they are", err)
     else:
         log.debug("unmapped %d KiB of clean file pages before locking", dropped)
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
+    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) != 0:
         log.warning(
             "cannot lock the agent's memory (%s); it may be paged out under pressure",
             os.strerror(ctypes.get_errno()),
