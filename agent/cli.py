@@ -18,8 +18,8 @@ from agent import config as agent_config
 from agent import policy
 from agent.config import AgentConfig, ConfigError
 from agent.kernel import Kernel, KernelReadError
-from agent.memlock import lock_memory
-from agent.sensing import Sensor
+from agent.memlock import lock_memory, shed_when_warm
+from agent.sensing import Reading, Sensor
 from agent.topology import Topology
 from vmtide import __version__
 from vmtide.logs import setup_logging
@@ -166,15 +166,19 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"vmtide-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    if config.agent.lock_memory:
-        lock_memory()
+    locked = config.agent.lock_memory and lock_memory()
     if not config.agent.simulated_kernel:
         _protect_from_oom(config.agent.oom_score_adj)
     try:
-        return asyncio.run(_serve(config))
+        return asyncio.run(_serve(config, locked))
     except KernelReadError as err:
         log.error("cannot read the guest's topology: %s", err)
         return 1
+
+
+def _memory_calm(reading: Reading | None) -> bool:
+    """No memory stall worth the name over the last 10 s (PSI avg10 under 1 %)."""
+    return reading is not None and reading.memory_some < 1.0
 
 
 def _protect_from_oom(score: int, path: Path = Path("/proc/self/oom_score_adj")) -> None:
@@ -186,7 +190,7 @@ def _protect_from_oom(score: int, path: Path = Path("/proc/self/oom_score_adj"))
         log.warning("cannot set the agent's oom_score_adj to %d (%s)", score, err)
 
 
-async def _serve(config: AgentConfig) -> int:
+async def _serve(config: AgentConfig, locked: bool) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from agent.actuator import Actuator
@@ -250,9 +254,16 @@ async def _serve(config: AgentConfig) -> int:
         agent.topo.online_memory_bytes / (1 << 20),
         config.broker.target if config.broker.enabled else "disabled",
     )
+    shedding = (
+        asyncio.create_task(shed_when_warm(stop, lambda: _memory_calm(agent.last_reading)))
+        if locked
+        else None
+    )
     try:
         await agent.run(stop)
     finally:
+        if shedding is not None:
+            shedding.cancel()
         if pressure is not None:
             pressure.close()
         notifier("STOPPING=1")

@@ -15,19 +15,33 @@ nothing: the page cache keeps the file's pages, and the next touch maps the
 page again, from the same file. A mapping with any anonymous page (a
 relocated RELRO segment, a copied-on-write page) or any dirty page is left
 alone: there the pages hold what the file does not. What the agent then runs
-is locked as it runs; the rest stays the kernel's to reclaim. The footprint
-bench's agent holds about 5 MiB less (docs/bench/footprint.md). grpc's code
-(13 MiB resident) all comes back: the agent's calls touch most of its 64 KiB
-windows.
+is locked as it runs; the rest stays the kernel's to reclaim.
+
+Start-up itself touches more than the agent's steady work: the imports it
+makes once it runs, the config, the first gRPC session (channel, resolver,
+HTTP/2 and transport set-up), the first rescan. All of that was locked as it
+ran, and grpc's code alone came back to 10 MiB. So once the agent has warmed
+up, and while the guest is calm, it sheds those pages once: each clean file
+mapping is unlocked, unmapped and locked again as touched (munlock, madvise,
+mlock2 with MLOCK_ONFAULT), and the heap's free pages go back (malloc_trim)
+the same way. What the agent runs from then on faults back in from the page
+cache, at once, and is locked again; the rest goes back to the guest. Its
+anonymous memory (Python's objects and bytecode, which hold every decision
+path) stays locked throughout. The footprint bench's agent holds about
+9 MiB less afterwards (docs/bench/footprint.md). It is done once, not
+periodically: under pressure a shed page may come back only from disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import functools
+import gc
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +50,10 @@ log = logging.getLogger("vmtide.agent")
 # mlockall(2) flags; MCL_ONFAULT (Linux 4.4) locks pages as they are touched,
 # so the agent's resident set stays small but is never paged out.
 MCL_CURRENT, MCL_FUTURE, MCL_ONFAULT = 1, 2, 4
+MLOCK_ONFAULT = 1
 MADV_DONTNEED = 4
+# Long enough for the first session and the first rescan (every 30 s by default).
+WARM_UP_SECONDS = 60.0
 
 
 @functools.cache
@@ -44,6 +61,11 @@ def _libc() -> ctypes.CDLL:
     libc = ctypes.CDLL(None, use_errno=True)
     # size_t and a pointer: the default int would truncate addresses.
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munlock.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mlock2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    libc.malloc_trim.argtypes = [ctypes.c_size_t]
+    libc.sbrk.argtypes = [ctypes.c_ssize_t]
+    libc.sbrk.restype = ctypes.c_void_p
     return libc
 
 
@@ -120,8 +142,9 @@ def drop_clean_file_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
     return dropped
 
 
-def lock_memory() -> None:
-    """Lock the agent's memory as it is touched, after dropping what imports mapped around."""
+def lock_memory() -> bool:
+    """Lock the agent's memory as it is touched, after dropping what imports
+    mapped around; False if it cannot be locked."""
     try:
         dropped = drop_clean_file_pages()
     except OSError as err:
@@ -133,3 +156,95 @@ def lock_memory() -> None:
             "cannot lock the agent's memory (%s); it may be paged out under pressure",
             os.strerror(ctypes.get_errno()),
         )
+        return False
+    return True
+
+
+def _rss_kib(status: Path = Path("/proc/self/status")) -> int:
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise OSError(f"{status}: no VmRSS line")
+
+
+def _unlocked(start: int, end: int, work: Callable[[], int]) -> None:
+    """Unlock [start, end), run `work`, and lock the range again, as touched, up
+    to the end `work` returns (a trimmed heap ends lower)."""
+    libc = _libc()
+    if libc.munlock(start, end - start) != 0:
+        log.debug("munlock %#x-%#x: %s", start, end, os.strerror(ctypes.get_errno()))
+        return
+    try:
+        end = work()
+    finally:
+        if end > start and libc.mlock2(start, end - start, MLOCK_ONFAULT) != 0:
+            log.warning(
+                "cannot lock %#x-%#x again (%s); it may be paged out under pressure",
+                start,
+                end,
+                os.strerror(ctypes.get_errno()),
+            )
+
+
+def shed_start_up_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
+    """In a process locked by `lock_memory`: give back the clean file pages and
+    the free heap pages it holds, the ranges locked again as they are touched.
+    KiB of resident memory shed."""
+    gc.collect()  # start-up's garbage: its heap pages become free to trim
+    with smaps.open() as f:
+        mappings = list(parse_smaps(f))
+    before = _rss_kib()
+    libc = _libc()
+    page = os.sysconf("SC_PAGE_SIZE")
+    for m in mappings:
+        if m.droppable:
+
+            def unmap(m: Mapping = m) -> int:
+                libc.madvise(m.start, m.end - m.start, MADV_DONTNEED)
+                return m.end
+
+            _unlocked(m.start, m.end, unmap)
+        elif m.path == "[heap]":
+
+            def trim(m: Mapping = m) -> int:
+                libc.malloc_trim(0)
+                brk = libc.sbrk(0) or m.end  # the trim may have moved the break down
+                return min(m.end, -(-brk // page) * page)
+
+            _unlocked(m.start, m.end, trim)
+    return before - _rss_kib()
+
+
+async def shed_when_warm(
+    stop: asyncio.Event,
+    calm: Callable[[], bool],
+    warm_up: float = WARM_UP_SECONDS,
+    retry: float = 5.0,
+) -> None:
+    """Once the agent has warmed up, and at the first moment the guest is calm,
+    `shed_start_up_pages`: under pressure a shed page could come back only from
+    disk, and the agent is needed most then."""
+    delay = warm_up
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        if stop.is_set():
+            return
+        if calm():
+            break
+        delay = retry
+    try:
+        shed = shed_start_up_pages()
+        resident = _rss_kib()
+    except OSError as err:
+        log.warning("cannot shed the agent's start-up pages (%s); they stay locked", err)
+        return
+    except Exception:
+        # Only memory is at stake here: a bug must not stop the agent.
+        log.exception("shedding the agent's start-up pages failed")
+        return
+    log.info(
+        "gave back %.1f MiB that only start-up used; %.1f MiB resident, locked",
+        shed / 1024,
+        resident / 1024,
+    )

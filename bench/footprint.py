@@ -35,6 +35,7 @@ from pathlib import Path
 
 import psutil
 
+from agent.memlock import WARM_UP_SECONDS
 from bench.machine import describe_machine
 from broker.cli import serve
 from broker.config import (
@@ -235,16 +236,18 @@ def report(
         ]
     lines += [
         "",
-        f"Start-up (warm-up: imports and the first session): {startup.cpu:.2f} s of CPU;",
-        f"peak RSS over the whole run {peak_rss:.1f} MiB.",
+        f"Warm-up (imports, the first session, the first rescan): {startup.cpu:.2f} s of CPU;",
+        f"peak RSS over the whole run {peak_rss:.1f} MiB, before the agent sheds, after",
+        f"{WARM_UP_SECONDS:.0f} s, the pages only its start-up used.",
         "",
-        "RSS counts the pages of shared libraries the agent has mapped; grpc's C core",
-        "is about 13 MiB of it. The agent locks its memory (mlockall, as its unit has",
-        "it), so those pages stay resident; just before locking it unmaps the clean",
-        "library pages its imports mapped (agent/memlock.py), and only what it runs",
-        "afterwards maps back. USS counts the pages no other process maps: here the",
-        "benchmark process maps the same libraries (grpc among them), which a guest's",
-        "other processes do not.",
+        "RSS counts the pages of shared libraries the agent has mapped, grpc's C core",
+        "the most. The agent locks its memory (mlockall, as its unit has it), so what",
+        "it touches stays resident. Just before locking it unmaps the clean library",
+        "pages its imports mapped, and once warmed up it unlocks, unmaps and locks",
+        "again (as touched) its clean file mappings, and trims its heap",
+        "(agent/memlock.py): only what it runs afterwards maps back. USS counts the",
+        "pages no other process maps: here the benchmark process maps the same",
+        "libraries (grpc among them), which a guest's other processes do not.",
         "",
     ]
     return "\n".join(lines)
@@ -260,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     # Minutes after a minute of warm-up; the quick run uses 15 s windows.
-    seconds, warmup, width = (50.0, 15.0, 15.0) if args.quick else (args.minutes * 60, 60.0, 60.0)
+    # Whole windows start once the agent has shed its start-up pages.
+    full = (args.minutes * 60, WARM_UP_SECONDS + SAMPLE_SECONDS, 60.0)
+    seconds, warmup, width = (50.0, 15.0, 15.0) if args.quick else full
     command = ".venv/bin/python -m bench.footprint " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])
     )
