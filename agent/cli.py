@@ -166,11 +166,10 @@ def _run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"vmtide-agent: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    locked = config.agent.lock_memory and lock_memory()
     if not config.agent.simulated_kernel:
         _protect_from_oom(config.agent.oom_score_adj)
     try:
-        return asyncio.run(_serve(config, locked))
+        return asyncio.run(_serve(config))
     except KernelReadError as err:
         log.error("cannot read the guest's topology: %s", err)
         return 1
@@ -190,7 +189,7 @@ def _protect_from_oom(score: int, path: Path = Path("/proc/self/oom_score_adj"))
         log.warning("cannot set the agent's oom_score_adj to %d (%s)", score, err)
 
 
-async def _serve(config: AgentConfig, locked: bool) -> int:
+async def _serve(config: AgentConfig) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from agent.actuator import Actuator
@@ -200,6 +199,8 @@ async def _serve(config: AgentConfig, locked: bool) -> int:
     from agent.udev import UdevMonitor, find_onlining_rules
     from vmtide.notify import SystemdNotifier
 
+    # Locked once the imports are made, so that their import-time pages are not.
+    locked = config.agent.lock_memory and lock_memory()
     kernel = make_kernel(config)
     actuator = Actuator(kernel, config.memory.online_type, config.memory.offline_timeout_seconds)
     registry = CollectorRegistry()

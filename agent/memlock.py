@@ -17,10 +17,10 @@ relocated RELRO segment, a copied-on-write page) or any dirty page is left
 alone: there the pages hold what the file does not. What the agent then runs
 is locked as it runs; the rest stays the kernel's to reclaim.
 
-Start-up itself touches more than the agent's steady work: the imports it
-makes once it runs, the config, the first gRPC session (channel, resolver,
-HTTP/2 and transport set-up), the first rescan. All of that was locked as it
-ran, and grpc's code alone came back to 10 MiB. So once the agent has warmed
+Start-up itself touches more than the agent's steady work: the first gRPC
+session (channel, resolver, HTTP/2 and transport set-up), the first rescan,
+the first metrics scrape. All of that is locked as it runs, and grpc's code
+alone came back to 10 MiB. So once the agent has warmed
 up, and while the guest is calm, it sheds those pages once: each clean file
 mapping is unlocked, unmapped and locked again as touched (munlock, madvise,
 mlock2 with MLOCK_ONFAULT), and the heap's free pages go back (malloc_trim)
