@@ -191,6 +191,9 @@ def shed_start_up_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
     the free heap pages it holds, the ranges locked again as they are touched.
     KiB of resident memory shed."""
     gc.collect()  # start-up's garbage: its heap pages become free to trim
+    # The ranges read here still hold the same files when they are unmapped:
+    # nothing in the agent unmaps a library at run time (Python never
+    # dlcloses an extension module).
     with smaps.open() as f:
         mappings = list(parse_smaps(f))
     before = _rss_kib()
