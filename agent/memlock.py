@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 log = logging.getLogger("vmtide.agent")
 
 # mlockall(2) flags; MCL_ONFAULT (Linux 4.4) locks pages as they are touched,
@@ -129,17 +131,19 @@ def parse_smaps(lines: Iterable[str]) -> Iterator[Mapping]:
         yield mapping()
 
 
+def _unmap(m: Mapping) -> int:
+    """Unmap a droppable mapping's pages (the page cache keeps them); KiB dropped."""
+    if _libc().madvise(m.start, m.end - m.start, MADV_DONTNEED) == 0:
+        return m.rss_kib
+    log.debug("madvise %s: %s", m.path, os.strerror(ctypes.get_errno()))
+    return 0
+
+
 def drop_clean_file_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
     """Unmap the pages of this process's clean read-only file mappings; KiB dropped."""
     with smaps.open() as f:
         mappings = [m for m in parse_smaps(f) if m.droppable]
-    dropped = 0
-    for m in mappings:
-        if _libc().madvise(m.start, m.end - m.start, MADV_DONTNEED) == 0:
-            dropped += m.rss_kib
-        else:
-            log.debug("madvise %s: %s", m.path, os.strerror(ctypes.get_errno()))
-    return dropped
+    return sum(_unmap(m) for m in mappings)
 
 
 def lock_memory() -> bool:
@@ -160,11 +164,8 @@ def lock_memory() -> bool:
     return True
 
 
-def _rss_kib(status: Path = Path("/proc/self/status")) -> int:
-    for line in status.read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise OSError(f"{status}: no VmRSS line")
+def _rss_kib() -> int:
+    return int(psutil.Process().memory_info().rss) // 1024
 
 
 def _unlocked(start: int, end: int, work: Callable[[], int]) -> None:
@@ -203,7 +204,7 @@ def shed_start_up_pages(smaps: Path = Path("/proc/self/smaps")) -> int:
         if m.droppable:
 
             def unmap(m: Mapping = m) -> int:
-                libc.madvise(m.start, m.end - m.start, MADV_DONTNEED)
+                _unmap(m)
                 return m.end
 
             _unlocked(m.start, m.end, unmap)

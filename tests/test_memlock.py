@@ -107,8 +107,8 @@ def test_dropping_shrinks_a_live_process_that_keeps_working() -> None:
 
 
 # A live process locked as the agent locks itself, that has run a gRPC call
-# (start-up), sheds, and runs calls again (steady work). Printed: RssFile and
-# the heap before and after, and which mappings are left unlocked.
+# (start-up), sheds, and runs calls again (steady work). Printed: what it
+# shed, and RssFile and the mappings left unlocked before, after and again.
 SHED_SCRIPT = """
 import asyncio, json, re
 import grpc
